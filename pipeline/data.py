@@ -1,0 +1,252 @@
+"""Datasets: loaded once per process into uint8 arrays (N, H, W, C) with int labels.
+
+    load_dataset("digits")                     # embedded, offline: scikit-learn's 8x8 digits
+    load_dataset("cifar10")                    # Keras' loader (downloads once, then its cache)
+    load_dataset("/data/cifar-10-python.tar.gz")   # local CIFAR-10 copy (or cifar-10-batches-py/)
+    load_dataset("/data/my_images")            # <root>/{train,test}/<class>/* or <root>/<class>/*
+
+The test split is wrapped in `HeldOut`: nothing reads it until the refit calls `open()`,
+and `opened` records whether anyone did.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from pipeline.errors import PipelineError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TEST_FRACTION = 0.2  # test share for datasets that ship without a test split
+
+
+@dataclass
+class HeldOut:
+    """The test split, sealed until the refit opens it once."""
+
+    x: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+    opened: bool = False
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        self.opened = True
+        return self.x, self.y
+
+    def __len__(self):
+        return len(self.y)
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray = field(repr=False)
+    y_train: np.ndarray = field(repr=False)
+    test: HeldOut
+    class_names: list[str]
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _split(x, y, seed: int):
+    """Stratified, seeded train/test split for datasets without one."""
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_FRACTION, stratify=y, random_state=seed)
+    return x_tr, y_tr, x_te, y_te
+
+
+def _make(name, x_tr, y_tr, x_te, y_te, classes) -> Dataset:
+    as_images = lambda x: np.ascontiguousarray(x.reshape(x.shape if x.ndim == 4 else (*x.shape, 1)), np.uint8)  # noqa: E731
+    return Dataset(
+        name,
+        as_images(x_tr),
+        np.asarray(y_tr, np.int32).ravel(),
+        HeldOut(as_images(x_te), np.asarray(y_te, np.int32).ravel()),
+        list(classes),
+    )
+
+
+def load_digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = np.rint(bunch.images * (255 / 16)).astype(np.uint8)  # 0..16 grey levels -> 0..255
+    return _make("digits", *_split(x, bunch.target, seed), [str(c) for c in bunch.target_names])
+
+
+def load_cifar10_keras() -> Dataset:
+    import keras
+
+    try:
+        (x_tr, y_tr), (x_te, y_te) = keras.datasets.cifar10.load_data()
+    except Exception as e:  # no cache and no network, or a broken download
+        raise PipelineError(
+            f"dataset=cifar10: Keras could not load CIFAR-10 ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "offline, point dataset at a local copy: the cifar-10-python.tar.gz archive or its "
+            "cifar-10-batches-py/ folder"
+        ) from None
+    return _make("cifar10", x_tr, y_tr, x_te, y_te, CIFAR10_CLASSES)
+
+
+def _cifar_batches(read, where) -> Dataset:
+    """CIFAR-10 python format: `read(name)` returns the bytes of one batch file."""
+
+    def batch(name):
+        try:
+            d = pickle.loads(read(name), encoding="bytes")
+            return d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.array(d[b"labels"])
+        except (KeyError, FileNotFoundError, pickle.UnpicklingError, ValueError, EOFError) as e:
+            raise PipelineError(f"{where}: cannot read CIFAR-10 batch '{name}' ({type(e).__name__})") from None
+
+    train = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    x_te, y_te = batch("test_batch")
+    try:
+        meta = pickle.loads(read("batches.meta"), encoding="bytes")
+        classes = [c.decode() for c in meta[b"label_names"]]
+    except (KeyError, FileNotFoundError):
+        classes = CIFAR10_CLASSES
+    x_tr = np.concatenate([x for x, _ in train])
+    y_tr = np.concatenate([y for _, y in train])
+    return _make(Path(where).name, x_tr, y_tr, x_te, y_te, classes)
+
+
+def load_cifar10_archive(path: Path) -> Dataset:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+
+            def read(name):
+                if name not in members:
+                    raise FileNotFoundError(name)
+                return tar.extractfile(members[name]).read()
+
+            return _cifar_batches(read, str(path))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise PipelineError(f"{path}: not a readable CIFAR-10 archive ({e})") from None
+
+
+def load_cifar10_folder(path: Path) -> Dataset:
+    return _cifar_batches(lambda name: (path / name).read_bytes(), str(path))
+
+
+def _read_image(path: Path, mode: str | None, size: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode or ("L" if im.mode in ("L", "LA", "I", "I;16", "1") else "RGB"))
+            if size:
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise PipelineError(f"{path}: cannot read image ({type(e).__name__})") from None
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise PipelineError(f"{root}: no class folders (expected <root>/<class>/<image> or <root>/train/<class>/...)")
+    return dirs
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PipelineError(f"{class_dir}: class folder has no png/jpg/jpeg image")
+    return files
+
+
+def _read_split(root: Path, classes: list[str], mode: str | None, size: int):
+    from joblib import Parallel, delayed
+
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = _image_files(root / name) if (root / name).is_dir() else []
+        if not found:
+            raise PipelineError(f"{root / name}: class folder missing or without images")
+        files += found
+        labels += [label] * len(found)
+    images = Parallel(n_jobs=-1, prefer="threads", batch_size=256)(delayed(_read_image)(f, mode, size) for f in files)
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise PipelineError(f"{root}: images differ in size {sorted(shapes)[:3]}...; set image_size to resize them")
+    return np.stack(images), np.array(labels)
+
+
+def _detect_mode(class_dirs: list[Path]) -> str | None:
+    """One colour mode for all images: RGB if any sampled image has colour, else grayscale."""
+    from PIL import Image
+
+    for d in class_dirs:
+        for f in _image_files(d)[:20]:
+            try:
+                with Image.open(f) as im:
+                    if im.mode not in ("L", "LA", "I", "I;16", "1"):
+                        return "RGB"
+            except OSError:
+                continue  # the full read names the broken file
+    return "L"
+
+
+def load_image_folder(root: Path, seed: int, image_size: int) -> Dataset:
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    train_root = root / "train" if has_splits else root
+    class_dirs = _class_dirs(train_root)
+    classes = [d.name for d in class_dirs]
+    mode = _detect_mode(class_dirs)
+    x, y = _read_split(train_root, classes, mode, image_size)
+    if has_splits:
+        extra = sorted({d.name for d in _class_dirs(root / "test")} - set(classes))
+        if extra:
+            raise PipelineError(f"{root / 'test'}: class folder(s) {extra} not in {train_root}")
+        x_te, y_te = _read_split(root / "test", classes, mode, image_size)
+        if x_te.shape[1:] != x.shape[1:]:
+            raise PipelineError(f"{root}: train and test images differ in size; set image_size to resize them")
+        return _make(root.name, x, y, x_te, y_te, classes)
+    return _make(root.name, *_split(x, y, seed), classes)
+
+
+def load_dataset(name: str, seed: int = 42, image_size: int = 0) -> Dataset:
+    """Dispatch on the `dataset` setting; every failure is a one-line PipelineError."""
+    if name == "digits":
+        data = load_digits(seed)
+    elif name == "cifar10":
+        data = load_cifar10_keras()
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise PipelineError(
+                f"dataset={name!r}: not a known dataset (digits, cifar10) and no such file or folder"
+            )
+        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+            data = load_cifar10_archive(path)
+        elif path.is_dir() and (path / "data_batch_1").is_file():
+            data = load_cifar10_folder(path)
+        elif path.is_dir():
+            return load_image_folder(path, seed, image_size)
+        else:
+            raise PipelineError(f"dataset={name!r}: expected a folder or a cifar-10-python.tar.gz archive")
+    return resize(data, image_size) if image_size else data
+
+
+def resize(data: Dataset, size: int) -> Dataset:
+    """Resize every image to size x size (for the array datasets; folders resize on read)."""
+    if data.input_shape[:2] == (size, size):
+        return data
+    import tensorflow as tf
+
+    def r(x):
+        out = tf.image.resize(x, (size, size), method="bilinear", antialias=True)
+        return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+
+    return Dataset(data.name, r(data.x_train), data.y_train, HeldOut(r(data.test.x), data.test.y), data.class_names)

@@ -1,0 +1,62 @@
+"""`build_model(params, input_shape, n_classes)`: a compiled Keras CNN from a plain dict.
+
+Knows nothing about Optuna. The model takes raw uint8 pixels and scales them itself, so a
+saved model predicts from raw image arrays. Convs and pools use "same" padding, so every
+configuration builds for any input size (8x8 digits included): a pool never shrinks a
+side below 1.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+
+def make_optimizer(name: str, learning_rate: float):
+    if name == "nesterov":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    classes = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "adadelta": keras.optimizers.Adadelta,
+        "sgd": keras.optimizers.SGD,
+        "rmsprop": keras.optimizers.RMSprop,
+    }
+    return classes[name](learning_rate)
+
+
+def conv_block(x, params: dict, i: int):
+    """Block i: `convs` convs (optionally batch-normed), a pool, then dropout."""
+    p = lambda key, default=None: params.get(f"conv{i}_{key}", default)  # noqa: E731
+    for _ in range(p("convs", 1)):
+        batch_norm = p("batch_norm", False)
+        x = layers.Conv2D(p("filters"), p("kernel_size"), padding="same", use_bias=not batch_norm)(x)
+        if batch_norm:
+            x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+    pool = layers.MaxPooling2D if p("pooling", "max") == "max" else layers.AveragePooling2D
+    x = pool(p("pool_size"), padding="same")(x)
+    if p("dropout", 0.0) > 0:
+        x = layers.Dropout(p("dropout"))(x)
+    return x
+
+
+def build_model(params: dict, input_shape: tuple, n_classes: int) -> keras.Model:
+    """Build and compile the CNN that `params` describes."""
+    inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")
+    x = layers.Rescaling(1.0 / 255)(inputs)
+    for i in range(1, params["depth"] + 1):
+        x = conv_block(x, params, i)
+    x = layers.Flatten()(x)
+    for _ in range(params.get("dense_layers", 1)):
+        x = layers.Dense(params["dense_units"], activation="relu")(x)
+        if params.get("dense_dropout", 0.0) > 0:
+            x = layers.Dropout(params["dense_dropout"])(x)
+    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=make_optimizer(params.get("optimizer", "adam"), params.get("learning_rate", 0.001)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model

@@ -1,0 +1,228 @@
+"""Search spaces: a YAML file turned into `sample(trial) -> params`, a plain dict.
+
+File format (see search_spaces/seed.yaml):
+
+    depth: {low: 1, high: 3}        # number of conv blocks
+    first_block: {filters: [16, 32, 64], kernel_size: 3, pool_size: 2}
+    later_blocks: {filters: [16, 32, 64], kernel_size: [3, 6, 9], pool_size: [2, 4]}
+    dense: {units: {low: 50, high: 999}}
+    training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
+
+Every setting is a fixed value, a list of choices, or a range `{low, high}` with optional
+`log: true` or `step`. Block settings are sampled per block that exists, as `conv<i>_<key>`;
+dense settings as `dense_<key>`; training settings by their own name.
+
+    python -m pipeline space --search-space FILE    # validate and show sampled models
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+OPTIMIZERS = ("adam", "adamw", "adadelta", "sgd", "nesterov", "rmsprop")
+POOLINGS = ("max", "avg")
+
+# key -> (type, check on each value, what the check means)
+_POSITIVE = (lambda v: v >= 1, ">= 1")
+_RATE = (lambda v: 0 <= v < 1, "in [0, 1)")
+BLOCK_KEYS = {
+    "filters": (int, *_POSITIVE),
+    "kernel_size": (int, *_POSITIVE),
+    "pool_size": (int, *_POSITIVE),
+    "convs": (int, *_POSITIVE),
+    "pooling": (str, lambda v: v in POOLINGS, f"one of {POOLINGS}"),
+    "batch_norm": (bool, lambda v: True, ""),
+    "dropout": (float, *_RATE),
+}
+DENSE_KEYS = {
+    "units": (int, *_POSITIVE),
+    "layers": (int, lambda v: v >= 0, ">= 0"),
+    "dropout": (float, *_RATE),
+}
+TRAINING_KEYS = {
+    "optimizer": (str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    "learning_rate": (float, lambda v: v > 0, "> 0"),
+    "batch_size": (int, *_POSITIVE),
+}
+DEFAULTS = {
+    "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
+    "dense": {"units": 128, "layers": 1, "dropout": 0.0},
+    "training": {"optimizer": "adam", "learning_rate": 0.001, "batch_size": 32},
+}
+SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS}
+TOP_KEYS = {"description", "depth", *SECTIONS}
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One setting: fixed value, categorical choices, or an int/float range."""
+
+    kind: str  # "fixed" | "choice" | "int" | "float"
+    value: Any = None
+    choices: tuple = ()
+    low: float = 0
+    high: float = 0
+    log: bool = False
+    step: float | None = None
+
+    def sample(self, trial, name: str):
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def contains(self, value) -> bool:
+        if self.kind == "fixed":
+            return value == self.value
+        if self.kind == "choice":
+            return value in self.choices
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+
+def _typed(value, typ) -> bool:
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def _dim(spec, typ, check, meaning, where: str) -> Dim:
+    """Parse one setting; `where` names the file and key for errors."""
+
+    def bad(msg):
+        return PipelineError(f"{where}: {msg}")
+
+    def one(value):
+        if not _typed(value, typ):
+            raise bad(f"expected {typ.__name__}, got {value!r}")
+        if not check(value):
+            raise bad(f"{value!r} must be {meaning}")
+        return float(value) if typ is float else value
+
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"low", "high", "log", "step"}
+        if unknown:
+            raise bad(f"unknown range key(s) {sorted(unknown)} (allowed: low, high, log, step)")
+        if typ not in (int, float) or "low" not in spec or "high" not in spec:
+            raise bad("a range needs numeric 'low' and 'high'")
+        low, high = one(spec["low"]), one(spec["high"])
+        if low > high:
+            raise bad(f"empty range: low {low} > high {high}")
+        log = spec.get("log", False)
+        if not isinstance(log, bool) or (log and low <= 0):
+            raise bad("'log' must be true/false, and a log range needs low > 0")
+        step = spec.get("step")
+        if step is not None and (not _typed(step, typ) or step <= 0):
+            raise bad(f"'step' must be a positive {typ.__name__}")
+        return Dim("int" if typ is int else "float", low=low, high=high, log=log, step=step)
+    if isinstance(spec, list):
+        if not spec:
+            raise bad("empty list of choices")
+        return Dim("choice", choices=tuple(one(v) for v in spec))
+    return Dim("fixed", value=one(spec))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space. `sample(trial)` is the only place that talks to Optuna."""
+
+    path: str
+    depth: Dim
+    sections: dict  # section name -> {key: Dim}
+    digest: str  # hash of the parsed content, to tell spaces apart across runs
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    def _block_dims(self, i: int) -> dict:
+        return self.sections["first_block" if i == 1 else "later_blocks"]
+
+    def sample(self, trial) -> dict:
+        """Turn a trial into a plain dict of params (fixed settings included)."""
+        params = {"depth": self.depth.sample(trial, "depth")}
+        for i in range(1, params["depth"] + 1):
+            for key, dim in self._block_dims(i).items():
+                params[f"conv{i}_{key}"] = dim.sample(trial, f"conv{i}_{key}")
+        for key, dim in self.sections["dense"].items():
+            params[f"dense_{key}"] = dim.sample(trial, f"dense_{key}")
+        for key, dim in self.sections["training"].items():
+            params[key] = dim.sample(trial, key)
+        return params
+
+    def violations(self, params: dict) -> list[str]:
+        """Why `params` is not a configuration of this space ([] when it is)."""
+        problems = []
+        depth = params.get("depth")
+        if not self.depth.contains(depth):
+            return [f"depth={depth!r} is outside the space"]
+        expected = {"depth": self.depth}
+        for i in range(1, depth + 1):
+            expected.update({f"conv{i}_{k}": d for k, d in self._block_dims(i).items()})
+        expected.update({f"dense_{k}": d for k, d in self.sections["dense"].items()})
+        expected.update(self.sections["training"])
+        for name, dim in expected.items():
+            if name not in params:
+                problems.append(f"{name} is missing")
+            elif not dim.contains(params[name]):
+                problems.append(f"{name}={params[name]!r} is outside the space")
+        problems += [f"{name} is not a setting of this space" for name in sorted(set(params) - set(expected))]
+        return problems
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space file; errors name the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: search-space file not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise PipelineError(f"{path}: cannot read search space: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: a search space must be a YAML mapping")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise PipelineError(f"{path}: unknown key(s) {sorted(unknown)} (allowed: {sorted(TOP_KEYS)})")
+    if "depth" not in raw:
+        raise PipelineError(f"{path}: missing key 'depth'")
+    depth = _dim(raw["depth"], int, *_POSITIVE, f"{path}: key 'depth'")
+    max_depth = depth.high if depth.kind == "int" else max(depth.choices or (depth.value,))
+    sections = {}
+    for section, keys in SECTIONS.items():
+        spec = raw.get(section)
+        needed = section == "first_block" or (section == "later_blocks" and max_depth > 1)
+        if spec is None and needed:
+            raise PipelineError(f"{path}: missing key '{section}' (needed for depth up to {max_depth})")
+        if spec is None and section == "later_blocks":
+            continue
+        spec = spec or {}
+        if not isinstance(spec, dict):
+            raise PipelineError(f"{path}: key '{section}' must be a mapping")
+        unknown = set(spec) - set(keys)
+        if unknown:
+            raise PipelineError(f"{path}: unknown key(s) {sorted(unknown)} in '{section}' (allowed: {sorted(keys)})")
+        merged = {**DEFAULTS["block" if "block" in section else section], **spec}
+        dims = {}
+        for key, value in merged.items():
+            typ, check, meaning = keys[key]
+            dims[key] = _dim(value, typ, check, meaning, f"{path}: key '{section}.{key}'")
+        for key in ("filters", "kernel_size", "pool_size") if "block" in section else ():
+            if key not in dims:
+                raise PipelineError(f"{path}: missing key '{section}.{key}'")
+        sections[section] = dims
+    sections.setdefault("later_blocks", sections["first_block"])
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return SearchSpace(str(path), depth, sections, digest)
