@@ -51,18 +51,25 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(command: str, settings: Settings) -> dict:
-    """Run one command; returns the test metrics for main/refit, {} for search."""
+def run(command: str, settings: Settings, data=None) -> dict:
+    """Run one command; returns the test metrics for main/refit, {} for search.
+
+    `data` may be passed in (tests load it once); otherwise it is loaded from settings.
+    Bad settings, space files and data fail here, before any study or run is touched.
+    """
     from pipeline.data import load_dataset
+    from pipeline.space import load_space
+
+    space = load_space(settings.search_space)
+    if data is None:
+        data = load_dataset(settings.dataset, settings.seed, settings.image_size)
+
     from pipeline.refit import refit_and_test
     from pipeline.search import Objective, run_search
-    from pipeline.space import load_space
     from pipeline.study import open_study
     from pipeline.tracking import Tracker
 
-    space = load_space(settings.search_space)
-    data = load_dataset(settings.dataset, settings.seed, settings.image_size)
-    study = open_study(settings, space)
+    study = open_study(settings, space, create=command != "refit")
     tracker = Tracker(study, settings)
     status = "FAILED"
     try:

@@ -61,30 +61,30 @@ def identity(settings, space) -> dict:
 
 
 def open_study(settings, space, *, create: bool = True) -> optuna.Study:
-    """Create the study or load it; refuse to reuse it with a different identity."""
+    """Create the study or load it (`create=False`: it must exist); refuse to reuse it
+    with a different identity (dataset, space, metric, direction, folds)."""
     storage = make_storage(settings.storage)
     name = settings.study
-    if not create:
+    if create:
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            load_if_exists=True,
+            direction=settings.direction,
+            sampler=optuna.samplers.TPESampler(seed=settings.seed),
+            pruner=make_pruner(settings.pruner, settings.epochs, settings.cv_folds),
+        )
+    else:
         try:
-            return optuna.load_study(study_name=name, storage=storage)
+            study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
             raise PipelineError(f"study_name={name!r}: no such study in {mask(settings.storage)}") from None
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        load_if_exists=True,
-        direction=settings.direction,
-        sampler=optuna.samplers.TPESampler(seed=settings.seed),
-        pruner=make_pruner(settings.pruner, settings.epochs, settings.cv_folds),
-    )
     wanted = identity(settings, space)
     known = {k: study.user_attrs[k] for k in wanted if k in study.user_attrs}
     clash = {k: (v, wanted[k]) for k, v in known.items() if v != wanted[k]}
     if clash:
         k, (old, new) = next(iter(clash.items()))
-        raise PipelineError(
-            f"study_name={name!r} was made with {k}={old!r}, not {new!r}; use another study_name"
-        )
+        raise PipelineError(f"study_name={name!r} was made with {k}={old!r}, not {new!r}; use another study_name")
     for k, v in wanted.items():
         if k not in known:
             study.set_user_attr(k, v)

@@ -1,0 +1,66 @@
+"""The command line as a user meets it: bad input gives a one-line error, exit code 2,
+no traceback, and leaves what was recorded before intact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from conftest import ROOT
+
+from pipeline.cli import parse
+
+
+def pipeline(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_options_accept_dashes_and_underscores():
+    command, s = parse(["search", "--n-trials", "5", "--cv_folds", "3", "--study-name", "x"])
+    assert (command, s.n_trials, s.cv_folds, s.study) == ("search", 5, 3, "x")
+    assert parse(["main"])[1].study == "digits-seed"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--n-trials", "0"], "n_trials=0: must be >= 1"),
+        (["--epochs", "0"], "epochs=0: must be >= 1"),
+        (["--cv-folds", "0"], "cv_folds=0: must be >= 1"),
+        (["--pruner", "sometimes"], "pruner='sometimes'"),
+        (["--epochs", "two"], "invalid int value: 'two'"),
+        (["--colour", "red"], "unrecognized arguments: --colour red"),
+        (["--dataset", "nowhere"], "dataset='nowhere': not a known dataset"),
+        (["--search-space", "search_spaces/none.yaml"], "search_spaces/none.yaml: search-space file not found"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, fragment):
+    result = pipeline("main", "--storage", f"sqlite:///{tmp_path}/o.db", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    common = ["--storage", storage, "--study-name", "kept", "--epochs", "1"]
+    assert pipeline("search", *common, "--n-trials", "2").returncode == 0
+    before = [(t.number, t.state, t.value) for t in optuna.load_study(study_name="kept", storage=storage).trials]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("depth: {low: 3, high: 1}\n")
+    for bad in (["--search-space", str(broken)], ["--dataset", str(tmp_path / "missing")], ["--n-trials", "0"]):
+        result = pipeline("main", *common, *bad)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    again = pipeline("main", *common, "--direction", "minimize")
+    assert again.returncode == 2 and "was made with direction='maximize'" in again.stderr
+    after = [(t.number, t.state, t.value) for t in optuna.load_study(study_name="kept", storage=storage).trials]
+    assert after == before and len(after) == 2
+
+
+def test_refit_of_a_missing_study_is_a_clear_error(tmp_path, tracking_uri):
+    result = pipeline("refit", "--storage", f"sqlite:///{tmp_path}/o.db", "--study-name", "ghost")
+    assert result.returncode == 2 and "study_name='ghost': no such study" in result.stderr

@@ -1,0 +1,138 @@
+"""Loaders: image folders the test writes, a CIFAR-10 python-format archive the test
+writes (read through the local-copy path), and the errors for bad input."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import CIFAR10_CLASSES, load_dataset
+from pipeline.errors import PipelineError
+
+
+def write_images(root, classes=("cat", "dog"), n=5, size=(12, 12), mode="RGB", suffix=".png"):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}{suffix}")
+
+
+def test_digits_is_uint8_images_with_sealed_test_split():
+    data = load_dataset("digits")
+    assert data.x_train.dtype == np.uint8 and data.x_train.shape[1:] == (8, 8, 1)
+    assert data.x_train.max() == 255 and data.n_classes == 10
+    assert len(data.y_train) + len(data.test) == 1797
+    assert not data.test.opened
+
+
+def test_folder_with_train_and_test_splits(tmp_path):
+    write_images(tmp_path / "train", n=6)
+    write_images(tmp_path / "test", n=2, suffix=".jpg")
+    data = load_dataset(str(tmp_path))
+    assert data.class_names == ["cat", "dog"]
+    assert data.x_train.shape == (12, 12, 12, 3) and data.x_train.dtype == np.uint8
+    assert len(data.test) == 4 and sorted(set(data.y_train)) == [0, 1]
+
+
+def test_flat_folder_gets_stratified_seeded_split(tmp_path):
+    write_images(tmp_path, classes=("a", "b", "c"), n=10, mode="L")
+    first = load_dataset(str(tmp_path), seed=3)
+    again = load_dataset(str(tmp_path), seed=3)
+    assert first.x_train.shape[1:] == (12, 12, 1)  # grayscale keeps one channel
+    assert len(first.test) == 6 and np.bincount(first.test.y).tolist() == [2, 2, 2]
+    np.testing.assert_array_equal(first.test.y, again.test.y)
+
+
+def test_image_size_resizes_images_of_different_sizes(tmp_path):
+    write_images(tmp_path / "a", classes=("x",), n=4, size=(10, 10))
+    write_images(tmp_path / "b", classes=("x",), n=4, size=(14, 9))
+    (tmp_path / "a" / "x").rename(tmp_path / "small")
+    (tmp_path / "b" / "x").rename(tmp_path / "large")
+    for d in ("a", "b"):
+        (tmp_path / d).rmdir()
+    with pytest.raises(PipelineError, match="set image_size"):
+        load_dataset(str(tmp_path))
+    data = load_dataset(str(tmp_path), image_size=16)
+    assert data.x_train.shape[1:] == (16, 16, 3)
+
+
+def test_image_size_resizes_array_datasets():
+    data = load_dataset("digits", image_size=12)
+    assert data.x_train.shape[1:] == (12, 12, 1) and data.test.x.shape[1:] == (12, 12, 1)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda root: None, "not a known dataset"),
+        (lambda root: root.mkdir(), "no class folders"),
+        (lambda root: (root / "cat").mkdir(parents=True), "class folder has no png/jpg/jpeg image"),
+        (lambda root: (write_images(root), (root / "dog" / "3.png").write_bytes(b"not a png")), "3.png: cannot read image"),
+    ],
+    ids=["missing", "empty", "class-without-images", "corrupt-image"],
+)
+def test_bad_folders_give_one_line_errors(tmp_path, make, fragment):
+    root = tmp_path / "images"
+    make(root)
+    with pytest.raises(PipelineError) as error:
+        load_dataset(str(root))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(PipelineError, match="dataset='mnist': not a known dataset"):
+        load_dataset("mnist")
+
+
+def cifar_batch(n, seed):
+    rng = np.random.default_rng(seed)
+    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+
+
+def write_cifar_folder(folder, n=6):
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(cifar_batch(n, i)))
+    (folder / "test_batch").write_bytes(pickle.dumps(cifar_batch(n, 9)))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_CLASSES]}))
+
+
+def check_cifar(data, n=6):
+    assert data.x_train.shape == (5 * n, 32, 32, 3) and data.x_train.dtype == np.uint8
+    assert len(data.test) == n and data.class_names == CIFAR10_CLASSES
+    # channel-first rows are transposed to HWC: pixel (0, 0) holds the first R, G and B bytes
+    first = cifar_batch(n, 1)[b"data"][0]
+    assert data.x_train[0, 0, 0].tolist() == [first[0], first[1024], first[2048]]
+
+
+def test_cifar_local_folder(tmp_path):
+    write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    check_cifar(load_dataset(str(tmp_path / "cifar-10-batches-py")))
+
+
+def test_cifar_local_archive(tmp_path):
+    write_cifar_folder(tmp_path / "cifar-10-batches-py")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    check_cifar(load_dataset(str(archive)))
+
+
+def test_truncated_cifar_archive_is_named(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b\x08broken")
+    with pytest.raises(PipelineError, match="cifar-10-python.tar.gz: not a readable CIFAR-10 archive"):
+        load_dataset(str(archive))
+
+
+def test_cifar10_offline_without_cache_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    """Runs against the real network: this machine has none, as offline users have none."""
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "keras"))  # an empty cache
+    with pytest.raises(PipelineError, match="local copy"):
+        load_dataset("cifar10")

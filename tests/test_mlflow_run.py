@@ -1,0 +1,39 @@
+"""End to end as a user runs it: `mlflow run . --env-manager local` with tiny budgets.
+The project run that `mlflow run` opens is the study's parent; trials nest under it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from conftest import ROOT
+from mlflow.tracking import MlflowClient
+
+
+def test_mlflow_run_local(tmp_path, tracking_uri):
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": tracking_uri}
+    result = subprocess.run(
+        [f"{bin_dir}/mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "e2e",
+         "-P", "n_trials=2", "-P", "epochs=1", "-P", f"storage=sqlite:///{tmp_path}/o.db"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test_accuracy=" in result.stdout
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.project.entryPoint"] == "main"  # the run `mlflow run` opened
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 == len(runs) - 1
+    assert "test_accuracy" in parent.data.metrics and "best_val_accuracy" in parent.data.metrics
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [parent.info.run_id]

@@ -1,0 +1,34 @@
+"""Packaging contracts: one pinned source of versions, and MLproject's parameters the
+same as the CLI's."""
+
+from __future__ import annotations
+
+import yaml
+from conftest import ROOT
+
+from pipeline.cli import COMMANDS
+from pipeline.config import fields
+
+
+def pinned_lines(text):
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_conda_pip_section_matches_requirements():
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    requirements = pinned_lines((ROOT / "requirements.txt").read_text())
+    assert pip == requirements
+    assert all("==" in line for line in requirements)
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_mlproject_entry_points_pass_every_setting_with_the_cli_default():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert set(project["entry_points"]) == set(COMMANDS)
+    for name, entry in project["entry_points"].items():
+        assert entry["command"].startswith(f"python -m pipeline {name} ")
+        for setting, typ, default, _ in fields():
+            assert entry["parameters"][setting]["default"] == default, (name, setting)
+            assert f"--{setting} {{{setting}}}" in entry["command"], (name, setting)
+        assert set(entry["parameters"]) == {f[0] for f in fields()}

@@ -1,0 +1,117 @@
+"""The whole path on digits with tiny budgets: search with pruning, MLflow nesting and
+tags, the sealed test split, refit and test, and the logged model."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from conftest import runs_of
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import run
+from pipeline.refit import refit_and_test
+from pipeline.search import Objective, run_search
+from pipeline.space import load_space
+from pipeline.study import open_study
+from pipeline.tracking import PARENT_ATTR, Tracker
+
+
+def test_main_nests_trials_under_one_parent_and_scores_the_test_split(settings, digits):
+    metrics = run("main", settings.replace(n_trials=3, pruner="none"), data=digits)
+    assert digits.test.opened
+    assert 0.5 < metrics["test_accuracy"] <= 1.0
+    for key in ("best_val_accuracy", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_0"):
+        assert key in metrics
+
+    study = optuna.load_study(study_name="test-study", storage=settings.storage)
+    parent_id = study.user_attrs[PARENT_ATTR]
+    runs = runs_of("test-experiment")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert [p.info.run_id for p in parents] == [parent_id]
+    assert len(children) == len(runs) - 1 == 3
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2]
+    for child in children:
+        number = int(child.data.tags["optuna.trial_number"])
+        trial = study.trials[number]
+        assert child.data.tags["optuna.study_name"] == "test-study"
+        assert child.data.tags["optuna.trial_state"] == trial.state.name == "COMPLETE"
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["trial_value"] == pytest.approx(trial.value)
+        assert child.data.params["depth"] == str(trial.user_attrs["params"]["depth"])
+        history = MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == list(range(len(history))) and len(history) >= 1
+        assert {"train_accuracy", "train_loss", "val_loss", "epoch_seconds"} <= set(child.data.metrics)
+
+    parent = MlflowClient().get_run(parent_id)
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
+    assert {"classification_report.txt", "confusion_matrix.png", "confusion_matrix_normalized.png"} <= artifacts
+
+    # the logged model takes raw uint8 pixels and predicts class probabilities
+    model_uri = mlflow.last_logged_model().model_uri if mlflow.last_logged_model() else None
+    assert model_uri is not None
+    model = mlflow.pyfunc.load_model(model_uri)
+    assert model.metadata.signature is not None
+    x, y = digits.test.open()
+    probabilities = np.asarray(model.predict(x[:50]))
+    assert probabilities.shape == (50, 10)
+    assert (probabilities.argmax(axis=1) == y[:50]).mean() > 0.5
+
+
+def test_test_split_stays_sealed_until_the_refit(settings, digits):
+    space = load_space(settings.search_space)
+    study = open_study(settings, space)
+    tracker = Tracker(study, settings)
+    run_search(study, Objective(digits, space, settings, tracker), settings)
+    assert len(study.trials) == 3
+    assert not digits.test.opened, "the search must not read the test split"
+    refit_and_test(study, digits, settings, tracker)
+    assert digits.test.opened
+
+
+def write_space(tmp_path, learning_rates):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "depth: 1\n"
+        "first_block: {filters: 16, kernel_size: 3, pool_size: 2}\n"
+        "dense: {units: 64}\n"
+        f"training: {{optimizer: adam, learning_rate: {learning_rates}, batch_size: 32}}\n"
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize("cv_folds", [1, 2])
+def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
+    """Three good trials, then one that cannot learn (learning rate 1e-9): the median
+    pruner stops it after its second epoch, Optuna says PRUNED and so does MLflow."""
+    s = settings.replace(search_space=write_space(tmp_path, "[0.003, 0.000000001]"), epochs=3,
+                         n_trials=4, cv_folds=cv_folds, pruner="median")
+    space = load_space(s.search_space)
+    study = open_study(s, space)
+    for lr in (0.003, 0.003, 0.003, 1e-9):
+        study.enqueue_trial({"learning_rate": lr})
+    tracker = Tracker(study, s)
+    run_search(study, Objective(digits, space, s, tracker), s)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = study.trials[3]
+    assert max(pruned.intermediate_values) == 1, "pruned after the second epoch of the first fold"
+    child = MlflowClient().get_run(pruned.user_attrs["mlflow_run_id"])
+    assert child.data.tags["optuna.trial_state"] == "PRUNED"
+    assert child.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+
+
+def test_cross_validation_scores_each_trial_by_the_mean_over_folds(tmp_path, settings, digits):
+    s = settings.replace(search_space=write_space(tmp_path, "0.003"), n_trials=1, cv_folds=3, pruner="none")
+    space = load_space(s.search_space)
+    study = open_study(s, space)
+    run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
+    trial = study.trials[0]
+    assert trial.state.name == "COMPLETE"
+    history = MlflowClient().get_metric_history(trial.user_attrs["mlflow_run_id"], "val_accuracy")
+    assert len(history) > s.epochs, "every fold logs its epochs"
+    assert trial.user_attrs["epochs_run"] == len(history)
