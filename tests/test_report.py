@@ -221,3 +221,12 @@ def test_plots_a_study_cannot_support_are_skipped_with_a_note(tmp_path, caplog):
     (tmp_path / "all").mkdir()
     assert study_plots(_study_with([0.1, 0.9, 0.4], report=True), tmp_path / "all") == {}
     assert len(list((tmp_path / "all").iterdir())) == 2 * len(STUDY_PLOTS)
+
+
+def test_registered_model_name_defaults_to_the_study_and_refuses_what_the_registry_refuses():
+    from pipeline.errors import PipelineError
+
+    assert Settings(study_name="cifar/wide:2").model_name == "cifar-wide-2"
+    assert Settings(study_name="s", registered_model_name="my-cnn").model_name == "my-cnn"
+    with pytest.raises(PipelineError, match="registered_model_name='a/b': must not contain"):
+        Settings(registered_model_name="a/b")
