@@ -77,16 +77,16 @@ def study_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
 
 
 def _write_plot(name: str, study: optuna.Study, folder: Path) -> None:
-    with warnings.catch_warnings():
+    # Optuna's matplotlib plots switch the global style to ggplot (some of them only rely on
+    # it): give all of them that style and keep it from leaking into later figures.
+    with warnings.catch_warnings(), plt.style.context("ggplot"):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        figure = getattr(plotly_vis, f"plot_{name}")(study)
-        axes = getattr(mpl_vis, f"plot_{name}")(study)
-    figure.write_html(folder / f"{name}.html", include_plotlyjs=INCLUDE_PLOTLYJS)
-    fig = np.atleast_1d(axes).flat[0].figure
-    fig.set_size_inches(max(fig.get_figwidth(), 9), max(fig.get_figheight(), 6))
-    fig.tight_layout()
-    fig.savefig(folder / f"{name}.png", dpi=100)
-    plt.close(fig)
+        getattr(plotly_vis, f"plot_{name}")(study).write_html(folder / f"{name}.html", include_plotlyjs=INCLUDE_PLOTLYJS)
+        fig = np.atleast_1d(getattr(mpl_vis, f"plot_{name}")(study)).flat[0].figure
+        fig.set_size_inches(max(fig.get_figwidth(), 9), max(fig.get_figheight(), 6))
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
 
 
 def trials_table(study: optuna.Study, path: Path) -> Path:
@@ -124,6 +124,7 @@ def confusion_pngs(y_true, y_pred, class_names: list[str], folder: Path) -> list
             values_format=".2f" if normalize else "d", ax=ax, colorbar=False, xticks_rotation=45,
         )
         ax.set_title("Test confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
+        ax.grid(False)
         fig.tight_layout()
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)

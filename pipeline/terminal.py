@@ -35,19 +35,20 @@ class ProgressBar:
     """Optuna callback that moves a tqdm bar to the study's counted trials and shows the best."""
 
     def __init__(self, study: optuna.Study, settings):
-        self.metric = settings.metric
-        self.bar = tqdm(total=settings.n_trials, desc=f"study {study.study_name}", unit="trial", dynamic_ncols=True)
-        self.update(study)
+        self.metric, self.budget = settings.metric, settings.n_trials
+        done, best = self._state(study)
+        self.bar = tqdm(total=self.budget, initial=done, postfix=best, desc=f"study {study.study_name}",
+                        unit="trial", dynamic_ncols=True)
 
-    def update(self, study: optuna.Study) -> None:
-        self.bar.n = min(counted_trials(study), self.bar.total)
+    def _state(self, study: optuna.Study) -> tuple[int, str]:
         best = _best(study)
-        if best is not None:
-            self.bar.set_postfix_str(f"best {self.metric}={best.value:.4f} (trial {best.number})", refresh=False)
-        self.bar.refresh()
+        return (min(counted_trials(study), self.budget),
+                "" if best is None else f"best {self.metric}={best.value:.4f} (trial {best.number})")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.update(study)
+        self.bar.n, best = self._state(study)
+        self.bar.set_postfix_str(best, refresh=False)
+        self.bar.refresh()
 
 
 @contextlib.contextmanager

@@ -48,12 +48,12 @@ def finished(tmp_path_factory, _digits):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mlflow.set_tracking_uri(uri)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             metrics = run("main", settings, data=data)
         study = optuna.load_study(study_name="report-study", storage=settings.storage)
         parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
-        yield dict(settings=settings, study=study, parent=parent, stdout=out.getvalue(), metrics=metrics,
+        yield dict(settings=settings, study=study, parent=parent, stdout=out.getvalue(), stderr=err.getvalue(), metrics=metrics,
                    uri=uri, data=data, tmp=tmp)
         mlflow.set_tracking_uri(None)
 
@@ -139,6 +139,14 @@ def test_registered_model_predicts_class_names(store):
     assert MlflowClient().get_run(store["parent"].info.run_id).data.tags["registered_model"] == f"{name}/2"
 
 
+def test_progress_bar_counts_trials_against_the_budget_and_shows_the_best(store):
+    study = store["study"]
+    bar = [line for line in store["stderr"].split("\r") if line.startswith("study report-study:")]
+    assert "study report-study:   0%" in bar[0] and " 0/3 " in bar[0]
+    assert any(" 1/3 " in line for line in bar)
+    assert " 3/3 " in bar[-1] and f"best val_accuracy={study.best_value:.4f} (trial {study.best_trial.number})" in bar[-1]
+
+
 def test_summary_names_states_best_trial_run_and_commands(store):
     out, study = store["stdout"], store["study"]
     assert f"study 'report-study': 3 trials (3 COMPLETE), budget 3" in out
@@ -206,6 +214,9 @@ def _study_with(values: list[float], report: bool) -> optuna.Study:
 
 
 def test_plots_a_study_cannot_support_are_skipped_with_a_note(tmp_path, caplog):
+    import matplotlib
+
+    style = dict(matplotlib.rcParams)
     one = _study_with([0.5], report=False)
     skipped = study_plots(one, tmp_path)
     assert set(skipped) == {"param_importances", "intermediate_values"}
@@ -221,6 +232,7 @@ def test_plots_a_study_cannot_support_are_skipped_with_a_note(tmp_path, caplog):
     (tmp_path / "all").mkdir()
     assert study_plots(_study_with([0.1, 0.9, 0.4], report=True), tmp_path / "all") == {}
     assert len(list((tmp_path / "all").iterdir())) == 2 * len(STUDY_PLOTS)
+    assert dict(matplotlib.rcParams) == style, "Optuna's ggplot style must not leak into later figures"
 
 
 def test_registered_model_name_defaults_to_the_study_and_refuses_what_the_registry_refuses():
