@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
 import optuna.visualization as plotly_vis  # noqa: E402
 import optuna.visualization.matplotlib as mpl_vis  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
@@ -92,10 +93,10 @@ def _write_plot(name: str, study: optuna.Study, folder: Path) -> None:
 def trials_table(study: optuna.Study, path: Path) -> Path:
     """One row per trial: number, state, value, params_*, duration (seconds), MLflow run id."""
     frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", "user_attrs"))
-    keep = [c for c in frame.columns if not c.startswith("user_attrs_")]
-    table = frame[keep].copy()
-    if "duration" in table:
-        table["duration"] = table["duration"].dt.total_seconds()
+    if frame.empty:
+        frame = pd.DataFrame(columns=["number", "state", "value", "duration"])
+    table = frame[[c for c in frame.columns if not c.startswith("user_attrs_")]].copy()
+    table["duration"] = pd.to_timedelta(table["duration"]).dt.total_seconds()  # running trials: empty
     for attr in ("epochs_run", "mlflow_run_id"):
         if f"user_attrs_{attr}" in frame:
             table[attr] = frame[f"user_attrs_{attr}"]

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import Settings
-from pipeline.report import STUDY_PLOTS, study_plots
+from pipeline.report import STUDY_PLOTS, study_plots, trials_table
 from pipeline.tracking import PARENT_ATTR
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -242,3 +242,15 @@ def test_registered_model_name_defaults_to_the_study_and_refuses_what_the_regist
     assert Settings(study_name="s", registered_model_name="my-cnn").model_name == "my-cnn"
     with pytest.raises(PipelineError, match="registered_model_name='a/b': must not contain"):
         Settings(registered_model_name="a/b")
+
+
+def test_trials_table_of_an_empty_study_and_of_a_running_trial(tmp_path):
+    study = optuna.create_study()
+    assert trials_table(study, tmp_path / "empty.csv").read_text().strip() == "number,state,value,duration"
+    done = study.ask()
+    done.suggest_float("x", 0, 1)
+    study.tell(done, 0.3)
+    study.ask().suggest_float("x", 0, 1)  # another worker's trial, still running
+    with open(trials_table(study, tmp_path / "two.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["state"], r["value"], r["duration"] == "") for r in rows] == [("COMPLETE", "0.3", False), ("RUNNING", "", True)]
