@@ -52,7 +52,8 @@ def _sigterm_as_interrupt(signum, frame):
 
 
 def run(command: str, settings: Settings, data=None) -> dict:
-    """Run one command; returns the test metrics for main/refit, {} for search.
+    """Run one command, log the study's plots and trials table to its parent run and print
+    a summary; returns the test metrics for main/refit, {} for search.
 
     `data` may be passed in (tests load it once); otherwise it is loaded from settings.
     Bad settings, space files and data fail here, before any study or run is touched.
@@ -65,8 +66,10 @@ def run(command: str, settings: Settings, data=None) -> dict:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
 
     from pipeline.refit import refit_and_test
+    from pipeline.report import log_study_report
     from pipeline.search import Objective, run_search
     from pipeline.study import open_study
+    from pipeline.terminal import summary
     from pipeline.tracking import Tracker
 
     study = open_study(settings, space, create=command != "refit")
@@ -75,7 +78,9 @@ def run(command: str, settings: Settings, data=None) -> dict:
     try:
         if command in ("main", "search"):
             run_search(study, Objective(data, space, settings, tracker), settings)
+        log_study_report(study, tracker.client, tracker.parent_run_id)
         metrics = refit_and_test(study, data, settings, tracker) if command in ("main", "refit") else {}
+        print(summary(study, settings, tracker.parent_run_id, metrics))
         status = "FINISHED"
         return metrics
     except KeyboardInterrupt:
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
-        metrics = run(command, settings)
+        run(command, settings)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -101,7 +106,4 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    for k, v in metrics.items():
-        if not k.startswith(("test_precision_", "test_recall_", "test_f1_")) or k.endswith("_macro"):
-            print(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
     return 0

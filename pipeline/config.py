@@ -37,6 +37,8 @@ class Settings:
     direction: str = _param("maximize", "maximize or minimize the metric")
     patience: int = _param(3, "early-stopping patience in epochs")
     val_fraction: float = _param(0.2, "share of the train split held out for validation")
+    # issue 4: results a person can read
+    registered_model_name: str = _param("", "MLflow registered model of the refit (default: the study name)")
 
     def __post_init__(self):
         checks = [
@@ -52,6 +54,7 @@ class Settings:
             (self.metric.startswith("val_"), "metric", "must be a validation metric (val_*)"),
             (bool(self.dataset), "dataset", "must not be empty"),
             (bool(self.storage), "storage", "must not be empty"),
+            (not set("/:") & set(self.registered_model_name), "registered_model_name", "must not contain '/' or ':'"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -66,6 +69,11 @@ class Settings:
 
         data = Path(self.dataset.rstrip("/")).name.split(".")[0] or "data"
         return f"{data}-{Path(self.search_space).stem}"
+
+    @property
+    def model_name(self) -> str:
+        """The registered model name: `registered_model_name`, or the study name made valid."""
+        return self.registered_model_name or self.study.replace("/", "-").replace(":", "-")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -14,6 +14,7 @@ import optuna
 from optuna_integration import KerasPruningCallback
 
 from pipeline.study import COUNTED, counted_trials
+from pipeline.terminal import progress_bar
 from pipeline.train import train, validation_splits
 
 
@@ -56,11 +57,11 @@ class Objective:
                 "trial_value": value,
                 "epochs_needed": int(round(float(np.median([f["epochs_needed"] for f in folds])))),
                 "epochs_run": int(sum(f["epochs_run"] for f in folds)),
-                "params_count": folds[0]["params_count"],
             }
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
                 self.tracker.client.log_metric(run_id, key, v)
+            trial.set_user_attr("params_count", folds[0]["params_count"])  # the metric: EpochLogger
         return value
 
 
@@ -70,10 +71,11 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     if remaining <= 0:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        timeout=settings.timeout or None,
-        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED)],
-        gc_after_trial=True,
-    )
+    with progress_bar(study, settings) as bar:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=settings.timeout or None,
+            callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED), bar],
+            gc_after_trial=True,
+        )

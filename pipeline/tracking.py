@@ -39,11 +39,15 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run."""
+    """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run,
+    and the model's `params_count` when training starts (so pruned trials have it too)."""
 
     def __init__(self, client: MlflowClient, run_id: str, step_offset: int = 0):
         super().__init__()
         self.client, self.run_id, self.offset = client, run_id, step_offset
+
+    def on_train_begin(self, logs=None):
+        self.client.log_metric(self.run_id, "params_count", self.model.count_params(), step=self.offset)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()

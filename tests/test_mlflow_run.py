@@ -39,4 +39,6 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
     assert "test_accuracy" in parent.data.metrics and "best_val_accuracy" in parent.data.metrics
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
-    assert [m.source_run_id for m in models] == [parent.info.run_id]
+    assert sorted(m.name for m in models) == ["keras_model", "model"]
+    assert {m.source_run_id for m in models} == {parent.info.run_id}
+    assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
