@@ -37,6 +37,9 @@ class Settings:
     direction: str = _param("maximize", "maximize or minimize the metric")
     patience: int = _param(3, "early-stopping patience in epochs")
     val_fraction: float = _param(0.2, "share of the train split held out for validation")
+    # issue 3: distributed, resumable, crash-safe studies
+    heartbeat_interval: int = _param(10, "seconds between a running trial's heartbeats (RDB storages)")
+    grace_period: int = _param(30, "seconds without a heartbeat before a trial counts as dead (RDB storages)")
 
     def __post_init__(self):
         checks = [
@@ -52,6 +55,8 @@ class Settings:
             (self.metric.startswith("val_"), "metric", "must be a validation metric (val_*)"),
             (bool(self.dataset), "dataset", "must not be empty"),
             (bool(self.storage), "storage", "must not be empty"),
+            (self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1"),
+            (self.grace_period > self.heartbeat_interval, "grace_period", "must be > heartbeat_interval"),
         ]
         for ok, name, why in checks:
             if not ok:
