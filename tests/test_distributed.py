@@ -288,3 +288,12 @@ def test_reusing_a_study_with_another_identity_is_a_one_line_error(tmp_path, set
         open_study(changed, load_space(changed.search_space))
     assert fragment in str(error.value) and "\n" not in str(error.value)
     assert len(open_study(settings, space).trials) == 1, "the study is left as it was"
+
+
+def test_storage_urls_read_variables_from_the_environment_and_hide_passwords(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_TEST_DIR", str(tmp_path))
+    make_storage("sqlite:///${PIPELINE_TEST_DIR}/from-env.db")
+    assert (tmp_path / "from-env.db").is_file()
+    with pytest.raises(PipelineError) as error:
+        make_storage("postgresql://someone:hunter2secret@127.0.0.1:1/none")
+    assert "someone:***@" in str(error.value) and "hunter2secret" not in str(error.value)
