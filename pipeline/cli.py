@@ -3,9 +3,11 @@
     python -m pipeline main      # search, then refit the best trial and score it on the test split
     python -m pipeline search    # search only; several workers may share one storage
     python -m pipeline refit     # refit and test the best trial of an existing study
+    python -m pipeline recover   # fail and requeue the trials of dead workers, close their runs
 
 Options are the fields of `pipeline.config.Settings`. Bad input ends with a one-line
-`error: ...` and exit code 2; Ctrl-C or SIGTERM with exit code 130 and how to resume.
+`error: ...` and exit code 2; Ctrl-C ends with exit code 130, SIGTERM with 143, both after
+marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ COMMANDS = {
     "main": "search, then refit the best configuration and score it on the test split",
     "search": "search only (run several against one storage to share a study)",
     "refit": "refit and test the best trial of an existing study",
+    "recover": "fail and requeue the trials of dead workers and close their MLflow runs",
 }
 
 
@@ -48,7 +51,7 @@ def _quiet_tensorflow():
 
 
 def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def run(command: str, settings: Settings, data=None) -> dict:
@@ -62,18 +65,21 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.space import load_space
 
     space = load_space(settings.search_space)
+    if command == "recover":
+        return _recover(settings, space)
     if data is None:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
 
     from pipeline.refit import refit_and_test
     from pipeline.report import log_study_report
     from pipeline.search import Objective, run_search
-    from pipeline.study import open_study
+    from pipeline.study import join_study
     from pipeline.terminal import summary
     from pipeline.tracking import Tracker
 
-    study = open_study(settings, space, create=command != "refit")
-    tracker = Tracker(study, settings)
+    study, created = join_study(settings, space, create=command != "refit")
+    # a worker that lost the race to create the study waits for the winner's parent run
+    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit")
     status = "FAILED"
     try:
         if command in ("main", "search"):
@@ -90,20 +96,45 @@ def run(command: str, settings: Settings, data=None) -> dict:
         tracker.finish(status)
 
 
+def _recover(settings: Settings, space) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.recover import recover
+    from pipeline.study import open_study
+    from pipeline.tracking import PARENT_ATTR
+
+    study = open_study(settings, space, create=False)
+    client = MlflowClient()
+    parent = study.user_attrs.get(PARENT_ATTR)
+    failed, closed = recover(study, client, client.get_run(parent).info.experiment_id if parent else None)
+    if not (failed or closed):
+        print(f"recover: study {study.study_name!r}: no dead trials")
+    return {}
+
+
+def _resume_hint(command: str, settings: Settings) -> str:
+    from pipeline.tracking import mask
+
+    return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
+            f"(and your other options), or the same `mlflow run` command")
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    command = settings = None
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
         run(command, settings)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "interrupted: the running trial is marked FAIL and its MLflow run KILLED; "
-            "run the same command again to resume the study",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"interrupted by {name}: the running trial is marked FAIL (user attr fail_reason) and its "
+              f"MLflow run KILLED; the study keeps every finished trial.", file=sys.stderr)
+        if settings:
+            print(_resume_hint(command, settings), file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     return 0

@@ -39,6 +39,9 @@ class Settings:
     val_fraction: float = _param(0.2, "share of the train split held out for validation")
     # issue 4: results a person can read
     registered_model_name: str = _param("", "MLflow registered model of the refit (default: the study name)")
+    # issue 3: distributed, resumable, crash-safe studies
+    heartbeat_interval: int = _param(10, "seconds between a running trial's heartbeats (RDB storages)")
+    grace_period: int = _param(30, "seconds without a heartbeat before a trial counts as dead (RDB storages)")
 
     def __post_init__(self):
         checks = [
@@ -55,6 +58,8 @@ class Settings:
             (bool(self.dataset), "dataset", "must not be empty"),
             (bool(self.storage), "storage", "must not be empty"),
             (not set("/:") & set(self.registered_model_name), "registered_model_name", "must not contain '/' or ':'"),
+            (self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1"),
+            (self.grace_period > self.heartbeat_interval, "grace_period", "must be > heartbeat_interval"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -1,8 +1,12 @@
 """The search: a thin Optuna objective around `train`, and the loop that spends the budget.
 
-`Objective` holds the data (split once, in memory) and per trial: samples params from the
-space, opens the trial's MLflow run, trains each fold with pruning and logging callbacks,
-and returns the mean validation score. The test split is never touched here.
+`Objective` holds the data (split once, in memory) and per trial: records which process
+runs it, closes the MLflow runs of trials whose worker died, samples params from the space,
+opens the trial's MLflow run, trains each fold with pruning and logging callbacks, and
+returns the mean validation score. The test split is never touched here.
+
+`run_search` first recovers the trials of dead workers (`pipeline.recover`), then runs
+trials until the study, all workers together, has `n_trials` complete or pruned ones.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 import optuna
 from optuna_integration import KerasPruningCallback
 
+from pipeline.recover import mark_owner, recover
 from pipeline.study import COUNTED, counted_trials
 from pipeline.terminal import progress_bar
 from pipeline.train import train, validation_splits
@@ -36,6 +41,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         s = self.settings
+        mark_owner(trial)
+        self.tracker.close_dead_runs()
         params = self.space.sample(trial)
         trial.set_user_attr("params", params)
         with self.tracker.trial_run(trial, params) as run_id:
@@ -67,6 +74,7 @@ class Objective:
 
 def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     """Spend the study's global trial budget (shared by all workers) within `timeout`."""
+    recover(study, objective.tracker.client, objective.tracker.experiment_id)
     remaining = settings.n_trials - counted_trials(study)
     if remaining <= 0:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
