@@ -2,19 +2,25 @@
 
 `Objective` holds the data (split once, in memory) and per trial: samples params from the
 space, opens the trial's MLflow run, trains each fold with pruning and logging callbacks,
-and returns the mean validation score. The test split is never touched here.
+and returns the mean validation score, followed by the parameter count and/or the measured
+inference latency per image in a multi-objective study. The test split is never touched here.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import optuna
 from optuna_integration import KerasPruningCallback
 
-from pipeline.study import COUNTED, counted_trials
-from pipeline.train import train, validation_splits
+from pipeline.model import latency_ms
+from pipeline.study import COUNTED, counted_trials, deadline
+from pipeline.train import KeepModel, train, validation_splits
+
+LATENCY_IMAGES = 256  # validation images timed for `latency_ms`
+DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the deadline (Optuna's own clock starts later)
 
 
 class FoldPruning(KerasPruningCallback):
@@ -33,16 +39,16 @@ class Objective:
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
         params = self.space.sample(trial)
         trial.set_user_attr("params", params)
         with self.tracker.trial_run(trial, params) as run_id:
-            folds = []
+            folds, keep = [], KeepModel()
             for k, split in enumerate(self.splits):
                 offset = k * s.epochs
-                callbacks = [self.tracker.epoch_logger(run_id, offset)]
-                if s.pruner != "none":
+                callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
+                if s.pruning:
                     callbacks.append(FoldPruning(trial, s.metric, offset))
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,
@@ -58,22 +64,36 @@ class Objective:
                 "epochs_run": int(sum(f["epochs_run"] for f in folds)),
                 "params_count": folds[0]["params_count"],
             }
+            if "latency_ms" in s.objective_names:
+                summary["latency_ms"] = latency_ms(keep.model, self.splits[0].x_val[:LATENCY_IMAGES])
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
                 self.tracker.client.log_metric(run_id, key, v)
-        return value
+        if not s.multi_objective:
+            return value
+        extra = {"params": summary["params_count"], "latency_ms": summary.get("latency_ms")}
+        return (value, *(float(extra[name]) for name in s.objective_names[1:]))
 
 
 def run_search(study: optuna.Study, objective: Objective, settings) -> None:
-    """Spend the study's global trial budget (shared by all workers) within `timeout`."""
+    """Spend the study's global trial budget (shared by all workers) before the study-wide
+    deadline: no trial starts after it; one running at it finishes (or is pruned)."""
     remaining = settings.n_trials - counted_trials(study)
     if remaining <= 0:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
+    until = deadline(study, settings.timeout)
+    seconds = None if until is None else until - time.time() - DEADLINE_MARGIN
+    if seconds is not None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+        if seconds <= 0:
+            print(f"study {study.study_name!r} passed its deadline {stamp}; no trial started (timeout=0 lifts it)")
+            return
+        print(f"study {study.study_name!r}: no trial starts after {stamp}")
     study.optimize(
         objective,
         n_trials=remaining,
-        timeout=settings.timeout or None,
+        timeout=seconds,
         callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED)],
         gc_after_trial=True,
     )
