@@ -67,7 +67,7 @@ class Settings:
         for ok, name, why in checks:
             if not ok:
                 raise PipelineError(f"{name}={getattr(self, name)!r}: {why}")
-        self.objective_names, self.select_rules  # validate both now
+        self.select_rules  # noqa: B018 -- parses (and so validates) objectives and select now
 
     @property
     def objective_names(self) -> list[str]:
@@ -102,7 +102,7 @@ class Settings:
     @property
     def select_rules(self) -> dict[str, float]:
         """`max_params=50000,max_latency_ms=2` -> {"params": 50000.0, "latency_ms": 2.0}."""
-        rules = {}
+        rules, extra = {}, self.objective_names[1:]
         for rule in filter(None, (r.strip() for r in self.select.split(","))):
             key, _, value = rule.partition("=")
             name = key.strip().removeprefix("max_")
@@ -110,7 +110,7 @@ class Settings:
                 limit = float(value)
             except ValueError:
                 limit = None
-            if not key.strip().startswith("max_") or name not in self.objective_names[1:] or limit is None:
+            if not key.strip().startswith("max_") or name not in extra or limit is None:
                 raise PipelineError(f"select={self.select!r}: expected max_<objective>=<number> for an objective "
                                     f"after the metric in objectives={self.objectives!r}")
             rules[name] = limit

@@ -45,7 +45,7 @@ BASELINES = str(ROOT / "search_spaces" / "baselines.yaml")
     ],
 )
 def test_bad_objective_settings_are_one_line_errors(changes, fragment):
-    with pytest.raises(PipelineError, match=None) as error:
+    with pytest.raises(PipelineError) as error:
         Settings(**changes)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
@@ -56,6 +56,15 @@ def test_objectives_default_follows_the_metric():
     m = Settings(objectives="val_accuracy,params,latency_ms", select="max_params=5e4")
     assert m.directions == ["maximize", "minimize", "minimize"] and not m.pruning
     assert m.select_rules == {"params": 50000.0}
+
+
+def test_a_study_is_not_reused_with_other_objectives(settings):
+    space = load_space(settings.search_space)
+    open_study(settings.replace(objectives="val_accuracy,params"), space)
+    with pytest.raises(PipelineError, match="was made with objectives='val_accuracy,params', not 'val_accuracy,latency_ms'"):
+        open_study(settings.replace(objectives="val_accuracy,latency_ms"), space)
+    with pytest.raises(PipelineError, match=r"has 2 objective\(s\), not 1"):
+        open_study(settings, space)
 
 
 def test_multi_objective_search_logs_the_pareto_front_and_refits_by_the_select_rule(settings, digits, capsys):
