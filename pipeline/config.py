@@ -26,7 +26,7 @@ class Settings:
     dataset: str = _param("digits", "digits, cifar10, a CIFAR-10 python archive/folder, or an image folder")
     search_space: str = _param("search_spaces/seed.yaml", "search-space YAML file")
     n_trials: int = _param(20, "trial budget of the whole study (all workers together)")
-    timeout: int = _param(0, "stop starting trials after this many seconds (0 = no limit)")
+    timeout: int = _param(0, "study-wide deadline: seconds after the first worker starts (0 = no limit)")
     epochs: int = _param(10, "epoch cap of each trial")
     study_name: str = _param("", "Optuna study name (default: <dataset>-<space>)")
     storage: str = _param("sqlite:///optuna.db", "Optuna storage URL")

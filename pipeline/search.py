@@ -24,14 +24,21 @@ DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the dead
 
 
 class FoldPruning(KerasPruningCallback):
-    """KerasPruningCallback whose steps continue across CV folds (fold k starts at k * epochs)."""
+    """KerasPruningCallback whose steps continue across CV folds (fold k starts at k * epochs).
 
-    def __init__(self, trial, monitor: str, step_offset: int = 0):
+    With `prune=False` (warm-start trials) it only reports: a known configuration is trained
+    to the end and serves the pruner as a reference for the trials after it.
+    """
+
+    def __init__(self, trial, monitor: str, step_offset: int = 0, prune: bool = True):
         super().__init__(trial, monitor)
-        self.step_offset = step_offset
+        self.step_offset, self.prune = step_offset, prune
 
     def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch + self.step_offset, logs)
+        if self.prune:
+            super().on_epoch_end(epoch + self.step_offset, logs)
+        elif self._monitor in (logs or {}):
+            self._trial.report(float(logs[self._monitor]), step=epoch + self.step_offset)
 
 
 class Objective:
@@ -49,7 +56,7 @@ class Objective:
                 offset = k * s.epochs
                 callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
                 if s.pruning:
-                    callbacks.append(FoldPruning(trial, s.metric, offset))
+                    callbacks.append(FoldPruning(trial, s.metric, offset, prune="warm_start" not in trial.user_attrs))
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,
                           monitor=s.metric, direction=s.direction, patience=s.patience,
