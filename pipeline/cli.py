@@ -4,6 +4,8 @@
     python -m pipeline search    # search only; several workers may share one storage
     python -m pipeline refit     # refit and test the best trial of an existing study
     python -m pipeline recover   # fail and requeue the trials of dead workers, close their runs
+    python -m pipeline space     # dry run: validate a space, print sampled models, no training
+    python -m pipeline baselines # train and test the published models (search_spaces/baselines.yaml)
 
 Options are the fields of `pipeline.config.Settings`. Bad input ends with a one-line
 `error: ...` and exit code 2; Ctrl-C ends with exit code 130, SIGTERM with 143, both after
@@ -25,7 +27,10 @@ COMMANDS = {
     "search": "search only (run several against one storage to share a study)",
     "refit": "refit and test the best trial of an existing study",
     "recover": "fail and requeue the trials of dead workers and close their MLflow runs",
+    "space": "dry run: validate the space, sample `samples` configurations, print their models (no training)",
+    "baselines": "train each baseline configuration, score it on the test split, print a table",
 }
+SEARCHES = ("main", "search")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,20 +61,39 @@ def _sigterm_as_interrupt(signum, frame):
 
 def run(command: str, settings: Settings, data=None) -> dict:
     """Run one command, log the study's plots and trials table to its parent run and print
-    a summary; returns the test metrics for main/refit, {} for search.
+    a summary; returns the test metrics for main/refit, {} for the others.
 
     `data` may be passed in (tests load it once); otherwise it is loaded from settings.
-    Bad settings, space files and data fail here, before any study or run is touched.
+    Bad settings, space files, warm-start files and data fail here, before any study or run
+    is touched.
     """
     from pipeline.data import load_dataset
     from pipeline.space import load_space
+    from pipeline.warm_start import enqueue, load_configurations
 
     space = load_space(settings.search_space)
     if command == "recover":
         return _recover(settings, space)
+    warm = {}
+    if command in SEARCHES and settings.warm_start:
+        warm = load_configurations(settings.warm_start, space, settings.only_names)[1]
+    elif command in SEARCHES and settings.only:
+        raise PipelineError(f"only={settings.only!r}: names configurations of warm_start, which is not set")
     if data is None:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
 
+    if command == "space":
+        from pipeline.dry_run import dry_run
+
+        dry_run(space, data, settings)
+        return {}
+    if command == "baselines":
+        from pipeline.baselines import run_baselines
+
+        run_baselines(settings, data)
+        return {}
+
+    from pipeline.pareto import log_front
     from pipeline.refit import refit_and_test
     from pipeline.report import log_study_report
     from pipeline.search import Objective, run_search
@@ -78,12 +102,19 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.tracking import Tracker
 
     study, created = join_study(settings, space, create=command != "refit")
+    if command in SEARCHES and settings.multi_objective and settings.pruner != "none":
+        print(f"pruning is off: Optuna does not prune multi-objective studies (pruner={settings.pruner} ignored)")
+    if warm:
+        new = enqueue(study, warm)
+        print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
     # a worker that lost the race to create the study waits for the winner's parent run
     tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit")
     status = "FAILED"
     try:
-        if command in ("main", "search"):
+        if command in SEARCHES:
             run_search(study, Objective(data, space, settings, tracker), settings)
+        if command in SEARCHES and settings.multi_objective:
+            log_front(study, settings, tracker)
         log_study_report(study, tracker.client, tracker.parent_run_id)
         metrics = refit_and_test(study, data, settings, tracker) if command in ("main", "refit") else {}
         print(summary(study, settings, tracker.parent_run_id, metrics))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pipeline.errors import PipelineError
 
 PRUNERS = ("median", "hyperband", "none")
+EXTRA_OBJECTIVES = ("params", "latency_ms")  # minimized beside the metric in multi-objective studies
+DEFAULT_OBJECTIVES = "val_accuracy"
 
 
 def _param(default, help):
@@ -24,7 +26,7 @@ class Settings:
     dataset: str = _param("digits", "digits, cifar10, a CIFAR-10 python archive/folder, or an image folder")
     search_space: str = _param("search_spaces/seed.yaml", "search-space YAML file")
     n_trials: int = _param(20, "trial budget of the whole study (all workers together)")
-    timeout: int = _param(0, "stop starting trials after this many seconds (0 = no limit)")
+    timeout: int = _param(0, "study-wide deadline: seconds after the first worker starts (0 = no limit)")
     epochs: int = _param(10, "epoch cap of each trial")
     study_name: str = _param("", "Optuna study name (default: <dataset>-<space>)")
     storage: str = _param("sqlite:///optuna.db", "Optuna storage URL")
@@ -42,6 +44,14 @@ class Settings:
     # issue 3: distributed, resumable, crash-safe studies
     heartbeat_interval: int = _param(10, "seconds between a running trial's heartbeats (RDB storages)")
     grace_period: int = _param(30, "seconds without a heartbeat before a trial counts as dead (RDB storages)")
+    # issue 6: multi-objective search, warm starts, space dry run
+    objectives: str = _param(DEFAULT_OBJECTIVES, "comma list: the metric first, then params and/or latency_ms (minimized)")
+    select: str = _param("", "refit rule for multi-objective studies, e.g. max_params=50000 (default: most accurate)")
+    warm_start: str = _param("", "YAML file of known configurations enqueued before sampling")
+    samples: int = _param(5, "configurations the `space` dry run samples")
+    # issue 7: published models as baselines
+    baselines: str = _param("search_spaces/baselines.yaml", "configurations file of the `baselines` command")
+    only: str = _param("", "comma list of configuration names to use from warm_start / baselines (default: all)")
 
     def __post_init__(self):
         checks = [
@@ -60,10 +70,63 @@ class Settings:
             (not set("/:") & set(self.registered_model_name), "registered_model_name", "must not contain '/' or ':'"),
             (self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1"),
             (self.grace_period > self.heartbeat_interval, "grace_period", "must be > heartbeat_interval"),
+            (self.samples >= 1, "samples", "must be >= 1"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise PipelineError(f"{name}={getattr(self, name)!r}: {why}")
+        self.select_rules  # noqa: B018 -- parses (and so validates) objectives and select now
+
+    @property
+    def objective_names(self) -> list[str]:
+        """The objectives, metric first: `val_accuracy,params` -> [metric, "params"].
+
+        The first objective is the search metric (optimized in `direction`); the others are
+        minimized. The default `val_accuracy` stands for whatever `metric` is.
+        """
+        names = [n.strip() for n in self.objectives.split(",")]
+        extra = names[1:]
+        if names[0] != self.metric and self.objectives != DEFAULT_OBJECTIVES:
+            raise PipelineError(f"objectives={self.objectives!r}: the first objective must be metric={self.metric!r}")
+        bad = [n for n in extra if n not in EXTRA_OBJECTIVES]
+        if bad or len(set(extra)) != len(extra):
+            raise PipelineError(f"objectives={self.objectives!r}: after the metric, each of "
+                                f"{', '.join(EXTRA_OBJECTIVES)} at most once")
+        return [self.metric, *extra]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_names) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction] + ["minimize"] * (len(self.objective_names) - 1)
+
+    @property
+    def pruning(self) -> bool:
+        """Optuna prunes single-objective studies only."""
+        return self.pruner != "none" and not self.multi_objective
+
+    @property
+    def select_rules(self) -> dict[str, float]:
+        """`max_params=50000,max_latency_ms=2` -> {"params": 50000.0, "latency_ms": 2.0}."""
+        rules, extra = {}, self.objective_names[1:]
+        for rule in filter(None, (r.strip() for r in self.select.split(","))):
+            key, _, value = rule.partition("=")
+            name = key.strip().removeprefix("max_")
+            try:
+                limit = float(value)
+            except ValueError:
+                limit = None
+            if not key.strip().startswith("max_") or name not in extra or limit is None:
+                raise PipelineError(f"select={self.select!r}: expected max_<objective>=<number> for an objective "
+                                    f"after the metric in objectives={self.objectives!r}")
+            rules[name] = limit
+        return rules
+
+    @property
+    def only_names(self) -> list[str]:
+        return [n.strip() for n in self.only.split(",") if n.strip()]
 
     @property
     def study(self) -> str:

@@ -8,7 +8,10 @@ side below 1.
 
 from __future__ import annotations
 
+import time
+
 import keras
+import numpy as np
 from keras import layers
 
 
@@ -26,14 +29,18 @@ def make_optimizer(name: str, learning_rate: float):
 
 
 def conv_block(x, params: dict, i: int):
-    """Block i: `convs` convs (optionally batch-normed), a pool, then dropout."""
+    """Block i: `convs` convs (optionally batch-normed, with `conv_dropout` between them),
+    a pool, then dropout."""
     p = lambda key, default=None: params.get(f"conv{i}_{key}", default)  # noqa: E731
-    for _ in range(p("convs", 1)):
+    convs = p("convs", 1)
+    for c in range(convs):
         batch_norm = p("batch_norm", False)
         x = layers.Conv2D(p("filters"), p("kernel_size"), padding="same", use_bias=not batch_norm)(x)
         if batch_norm:
             x = layers.BatchNormalization()(x)
         x = layers.Activation("relu")(x)
+        if c < convs - 1 and p("conv_dropout", 0.0) > 0:
+            x = layers.Dropout(p("conv_dropout"))(x)
     pool = layers.MaxPooling2D if p("pooling", "max") == "max" else layers.AveragePooling2D
     x = pool(p("pool_size"), padding="same")(x)
     if p("dropout", 0.0) > 0:
@@ -48,8 +55,10 @@ def build_model(params: dict, input_shape: tuple, n_classes: int) -> keras.Model
     for i in range(1, params["depth"] + 1):
         x = conv_block(x, params, i)
     x = layers.Flatten()(x)
+    max_norm = params.get("dense_max_norm", 0.0)
     for _ in range(params.get("dense_layers", 1)):
-        x = layers.Dense(params["dense_units"], activation="relu")(x)
+        constraint = keras.constraints.MaxNorm(max_norm) if max_norm > 0 else None
+        x = layers.Dense(params["dense_units"], activation="relu", kernel_constraint=constraint)(x)
         if params.get("dense_dropout", 0.0) > 0:
             x = layers.Dropout(params["dense_dropout"])(x)
     outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
@@ -60,3 +69,15 @@ def build_model(params: dict, input_shape: tuple, n_classes: int) -> keras.Model
         metrics=["accuracy"],
     )
     return model
+
+
+def latency_ms(model: keras.Model, x: np.ndarray, repeats: int = 5) -> float:
+    """Inference milliseconds per image: the fastest of `repeats` timed forward passes over
+    the batch `x` (after one warm-up pass), divided by its size."""
+    model(x, training=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x, training=False)
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times) / len(x)

@@ -1,6 +1,7 @@
 """Refit the best trial on the whole train split, then score it once on the test split.
 
-The best trial's params are refit for the epochs it actually needed (its best epoch).
+The best trial (in a multi-objective study: the Pareto trial the `select` rule picks, see
+pipeline/pareto.py) is refit for the epochs it actually needed (its best epoch).
 Only here is the held-out test split opened. Results go to the study's parent run:
 `best_<metric>`, `test_accuracy`, `test_{precision,recall,f1}_macro`, per-class scores,
 the classification report (text and JSON) and confusion matrices (PNG, pipeline.report),
@@ -15,12 +16,15 @@ import optuna
 from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
 
 from pipeline.errors import PipelineError
+from pipeline.pareto import select_trial
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
 from pipeline.train import fit_full
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+def best_trial(study: optuna.Study, settings) -> optuna.trial.FrozenTrial:
+    if settings.multi_objective:
+        return select_trial(study, settings)
     try:
         return study.best_trial
     except ValueError:
@@ -51,10 +55,10 @@ def _safe(name: str) -> str:
 
 def refit_and_test(study: optuna.Study, data, settings, tracker) -> dict:
     """Refit the best configuration, open the test split once, log everything to the parent."""
-    best = best_trial(study)
+    best = best_trial(study, settings)
     params = best.user_attrs["params"]
     epochs = int(best.user_attrs["epochs_needed"])
-    print(f"refit: trial {best.number} ({settings.metric}={best.value:.4f}) for {epochs} epoch(s) "
+    print(f"refit: trial {best.number} ({settings.metric}={best.values[0]:.4f}) for {epochs} epoch(s) "
           f"on all {len(data.y_train)} training images")
     model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs, seed=settings.seed)
 
@@ -62,12 +66,14 @@ def refit_and_test(study: optuna.Study, data, settings, tracker) -> dict:
     probabilities = model.predict(x_test, verbose=0, batch_size=256)
     y_pred = probabilities.argmax(axis=1)
     metrics, report, report_text = score(y_test, y_pred, data.class_names)
-    metrics[f"best_{settings.metric}"] = best.value
+    metrics[f"best_{settings.metric}"] = best.values[0]
     metrics["refit_epochs"] = epochs
 
     client, run_id = tracker.client, tracker.parent_run_id
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
     client.set_tag(run_id, "best_trial_number", str(best.number))
+    if settings.multi_objective:
+        client.set_tag(run_id, "select", settings.select or "most accurate")
     log_test_report(y_test, y_pred, data.class_names, report, report_text, params, client, run_id)
     info = log_models(model, x_test[:4], data.class_names, run_id, settings.model_name)
     client.set_tag(run_id, "registered_model", f"{settings.model_name}/{info.registered_model_version}")

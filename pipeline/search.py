@@ -3,35 +3,49 @@
 `Objective` holds the data (split once, in memory) and per trial: records which process
 runs it, closes the MLflow runs of trials whose worker died, samples params from the space,
 opens the trial's MLflow run, trains each fold with pruning and logging callbacks, and
-returns the mean validation score. The test split is never touched here.
+returns the mean validation score, followed by the parameter count and/or the measured
+inference latency per image in a multi-objective study. The test split is never touched here.
 
 `run_search` first recovers the trials of dead workers (`pipeline.recover`), then runs
-trials until the study, all workers together, has `n_trials` complete or pruned ones.
+trials until the study, all workers together, has `n_trials` complete or pruned ones, and
+no trial starts after the study-wide deadline.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import optuna
 from optuna_integration import KerasPruningCallback
 
+from pipeline.model import latency_ms
 from pipeline.recover import mark_owner, recover
-from pipeline.study import COUNTED, counted_trials
+from pipeline.study import COUNTED, counted_trials, deadline
 from pipeline.terminal import progress_bar
-from pipeline.train import train, validation_splits
+from pipeline.train import KeepModel, train, validation_splits
+
+LATENCY_IMAGES = 256  # validation images timed for `latency_ms`
+DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the deadline (Optuna's own clock starts later)
 
 
 class FoldPruning(KerasPruningCallback):
-    """KerasPruningCallback whose steps continue across CV folds (fold k starts at k * epochs)."""
+    """KerasPruningCallback whose steps continue across CV folds (fold k starts at k * epochs).
 
-    def __init__(self, trial, monitor: str, step_offset: int = 0):
+    With `prune=False` (warm-start trials) it only reports: a known configuration is trained
+    to the end and serves the pruner as a reference for the trials after it.
+    """
+
+    def __init__(self, trial, monitor: str, step_offset: int = 0, prune: bool = True):
         super().__init__(trial, monitor)
-        self.step_offset = step_offset
+        self.step_offset, self.prune = step_offset, prune
 
     def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch + self.step_offset, logs)
+        if self.prune:
+            super().on_epoch_end(epoch + self.step_offset, logs)
+        elif self._monitor in (logs or {}):
+            self._trial.report(float(logs[self._monitor]), step=epoch + self.step_offset)
 
 
 class Objective:
@@ -39,19 +53,19 @@ class Objective:
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
         mark_owner(trial)
         self.tracker.close_dead_runs()
         params = self.space.sample(trial)
         trial.set_user_attr("params", params)
         with self.tracker.trial_run(trial, params) as run_id:
-            folds = []
+            folds, keep = [], KeepModel()
             for k, split in enumerate(self.splits):
                 offset = k * s.epochs
-                callbacks = [self.tracker.epoch_logger(run_id, offset)]
-                if s.pruner != "none":
-                    callbacks.append(FoldPruning(trial, s.metric, offset))
+                callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
+                if s.pruning:
+                    callbacks.append(FoldPruning(trial, s.metric, offset, prune="warm_start" not in trial.user_attrs))
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,
                           monitor=s.metric, direction=s.direction, patience=s.patience,
@@ -65,25 +79,39 @@ class Objective:
                 "epochs_needed": int(round(float(np.median([f["epochs_needed"] for f in folds])))),
                 "epochs_run": int(sum(f["epochs_run"] for f in folds)),
             }
+            if "latency_ms" in s.objective_names:
+                summary["latency_ms"] = latency_ms(keep.model, self.splits[0].x_val[:LATENCY_IMAGES])
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
                 self.tracker.client.log_metric(run_id, key, v)
             trial.set_user_attr("params_count", folds[0]["params_count"])  # the metric: EpochLogger
-        return value
+        if not s.multi_objective:
+            return value
+        extra = {"params": folds[0]["params_count"], "latency_ms": summary.get("latency_ms")}
+        return (value, *(float(extra[name]) for name in s.objective_names[1:]))
 
 
 def run_search(study: optuna.Study, objective: Objective, settings) -> None:
-    """Spend the study's global trial budget (shared by all workers) within `timeout`."""
+    """Spend the study's global trial budget (shared by all workers) before the study-wide
+    deadline: no trial starts after it; one running at it finishes (or is pruned)."""
     recover(study, objective.tracker.client, objective.tracker.experiment_id)
     remaining = settings.n_trials - counted_trials(study)
     if remaining <= 0:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
+    until = deadline(study, settings.timeout)
+    seconds = None if until is None else until - time.time() - DEADLINE_MARGIN
+    if seconds is not None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
+        if seconds <= 0:
+            print(f"study {study.study_name!r} passed its deadline {stamp}; no trial started (timeout=0 lifts it)")
+            return
+        print(f"study {study.study_name!r}: no trial starts after {stamp}")
     with progress_bar(study, settings) as bar:
         study.optimize(
             objective,
             n_trials=remaining,
-            timeout=settings.timeout or None,
+            timeout=seconds,
             callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED), bar],
             gc_after_trial=True,
         )

@@ -41,11 +41,13 @@ BLOCK_KEYS = {
     "pooling": (str, lambda v: v in POOLINGS, f"one of {POOLINGS}"),
     "batch_norm": (bool, lambda v: True, ""),
     "dropout": (float, *_RATE),
+    "conv_dropout": (float, *_RATE),
 }
 DENSE_KEYS = {
     "units": (int, *_POSITIVE),
     "layers": (int, lambda v: v >= 0, ">= 0"),
     "dropout": (float, *_RATE),
+    "max_norm": (float, lambda v: v >= 0, ">= 0 (0 = none)"),
 }
 TRAINING_KEYS = {
     "optimizer": (str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
@@ -57,6 +59,9 @@ DEFAULTS = {
     "dense": {"units": 128, "layers": 1, "dropout": 0.0},
     "training": {"optimizer": "adam", "learning_rate": 0.001, "batch_size": 32},
 }
+# Keys a space may name but that are absent from its params when it does not (so older spaces,
+# seed.yaml included, keep their exact params); the builder's defaults for them.
+OPTIONAL_DEFAULTS = {"block": {"conv_dropout": 0.0}, "dense": {"max_norm": 0.0}, "training": {}}
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS}
 TOP_KEYS = {"description", "depth", *SECTIONS}
 
@@ -87,7 +92,7 @@ class Dim:
             return value == self.value
         if self.kind == "choice":
             return value in self.choices
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+        return _typed(value, int if self.kind == "int" else float) and self.low <= value <= self.high
 
 
 def _typed(value, typ) -> bool:
@@ -162,17 +167,42 @@ class SearchSpace:
             params[key] = dim.sample(trial, key)
         return params
 
+    def _expected(self, depth: int) -> dict:
+        """name -> (Dim, builder default) of every param a configuration of `depth` blocks has."""
+        def section(dims, kind, prefix):
+            defaults = {**DEFAULTS[kind], **OPTIONAL_DEFAULTS[kind]}
+            return {f"{prefix}{k}": (d, defaults.get(k)) for k, d in dims.items()}
+
+        expected = {"depth": (self.depth, None)}
+        for i in range(1, depth + 1):
+            expected.update(section(self._block_dims(i), "block", f"conv{i}_"))
+        expected.update(section(self.sections["dense"], "dense", "dense_"))
+        expected.update(section(self.sections["training"], "training", ""))
+        return expected
+
+    def complete(self, params: dict) -> dict:
+        """`params` with the settings it leaves out filled in: the space's fixed value, else
+        the builder's default where the space allows it (what `violations` then checks)."""
+        depth = params.get("depth", self.depth.value if self.depth.kind == "fixed" else None)
+        if not isinstance(depth, int) or isinstance(depth, bool):
+            return dict(params)
+        full = {}
+        for name, (dim, default) in self._expected(depth).items():
+            if name in params:
+                full[name] = params[name]
+            elif dim.kind == "fixed":
+                full[name] = dim.value
+            elif default is not None and dim.contains(default):
+                full[name] = default
+        return {**full, **{k: v for k, v in params.items() if k not in full}}
+
     def violations(self, params: dict) -> list[str]:
         """Why `params` is not a configuration of this space ([] when it is)."""
         problems = []
         depth = params.get("depth")
         if not self.depth.contains(depth):
             return [f"depth={depth!r} is outside the space"]
-        expected = {"depth": self.depth}
-        for i in range(1, depth + 1):
-            expected.update({f"conv{i}_{k}": d for k, d in self._block_dims(i).items()})
-        expected.update({f"dense_{k}": d for k, d in self.sections["dense"].items()})
-        expected.update(self.sections["training"])
+        expected = {name: dim for name, (dim, _) in self._expected(depth).items()}
         for name, dim in expected.items():
             if name not in params:
                 problems.append(f"{name} is missing")
@@ -182,15 +212,20 @@ class SearchSpace:
         return problems
 
 
+def read_yaml(path: Path, file_kind: str, content: str):
+    """The parsed YAML of `path`; a missing or unreadable file is a one-line error."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {file_kind} file not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise PipelineError(f"{path}: cannot read {content}: {str(e).splitlines()[0]}") from None
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file; errors name the file and key."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: search-space file not found") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise PipelineError(f"{path}: cannot read search space: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path, "search-space", "search space")
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: a search space must be a YAML mapping")
     unknown = set(raw) - TOP_KEYS

@@ -1,5 +1,6 @@
-"""Optuna study: storage from a URL, seeded TPE sampler, pruner, and a guard against
-reusing a study with a different dataset, search space or direction.
+"""Optuna study: storage from a URL, seeded TPE sampler, pruner, a guard against reusing a
+study with a different dataset, search space, objectives or direction, and the study-wide
+deadline that `timeout` sets.
 
 Storages: `sqlite:///file.db` (one worker), `journal:///abs/path.journal` (several workers
 on one machine), `postgresql://...` / `mysql://...` (workers on many machines). RDB
@@ -32,6 +33,7 @@ GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead
 MAX_RETRY = 2  # times a trial of a dead worker is retried
 DRIVERS = {"postgresql://": "postgresql+psycopg2://", "mysql://": "mysql+pymysql://"}  # the pinned ones
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+DEADLINE_ATTR = "deadline"  # study user attr: epoch seconds after which no trial starts
 
 
 def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
@@ -77,7 +79,8 @@ def make_pruner(name: str, epochs: int, folds: int):
 def identity(settings, space) -> dict:
     """What a study is: reusing it with other values would mix incomparable trials."""
     return {"dataset": settings.dataset, "search_space": space.digest, "metric": settings.metric,
-            "direction": settings.direction, "cv_folds": settings.cv_folds}
+            "direction": settings.direction, "cv_folds": settings.cv_folds,
+            "objectives": ",".join(settings.objective_names)}
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -112,24 +115,28 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 def join_study(settings, space, *, create: bool = True) -> tuple[optuna.Study, bool]:
     """Create the study or load it (`create=False`: it must exist) and say whether this call
     created it: of several workers starting at once exactly one does. Refuse to reuse a study
-    with a different identity (dataset, space, metric, direction, folds)."""
+    with a different identity (dataset, space, metric, direction, folds, objectives).
+    Several objectives make a multi-objective study, without pruning (Optuna has none for it)."""
     storage = make_storage(settings.storage, settings.heartbeat_interval, settings.grace_period)
     name = settings.study
-    kwargs = dict(study_name=name, storage=storage, sampler=TrialSeededSampler(settings.seed),
-                  pruner=make_pruner(settings.pruner, settings.epochs, settings.cv_folds))
+    pruner = make_pruner(settings.pruner if settings.pruning else "none", settings.epochs, settings.cv_folds)
+    kwargs = dict(study_name=name, storage=storage, sampler=TrialSeededSampler(settings.seed), pruner=pruner)
     created = False
     try:
         if create:
-            study, created = optuna.create_study(direction=settings.direction, **kwargs), True
+            study, created = optuna.create_study(directions=settings.directions, **kwargs), True
         else:
             study = optuna.load_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**kwargs)
     except KeyError:
         raise PipelineError(f"study_name={name!r}: no such study in {mask(settings.storage)}") from None
+    if len(study.directions) != len(settings.directions):
+        raise PipelineError(f"study_name={name!r} has {len(study.directions)} objective(s), not "
+                            f"{len(settings.directions)} (objectives={settings.objectives!r}); use another study_name")
     wanted = identity(settings, space)
     known = {k: study.user_attrs[k] for k in wanted if k in study.user_attrs}
-    known.setdefault("direction", study.direction.name.lower())
+    known.setdefault("direction", study.directions[0].name.lower())
     clash = {k: (v, wanted[k]) for k, v in known.items() if v != wanted[k]}
     if clash:
         k, (old, new) = next(iter(clash.items()))
@@ -148,3 +155,13 @@ def open_study(settings, space, *, create: bool = True) -> optuna.Study:
 def counted_trials(study: optuna.Study) -> int:
     """Trials that use up the budget: complete or pruned (failed ones are retried)."""
     return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def deadline(study: optuna.Study, timeout: int) -> float | None:
+    """The study-wide deadline (epoch seconds) for `timeout` > 0: set by the first worker as
+    now + timeout, stored in the study, and read back by every later worker and resume."""
+    if not timeout:
+        return None
+    if DEADLINE_ATTR not in study.user_attrs:
+        study.set_user_attr(DEADLINE_ATTR, time.time() + timeout)
+    return float(study.user_attrs[DEADLINE_ATTR])

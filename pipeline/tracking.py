@@ -114,6 +114,20 @@ class EpochLogger(keras.callbacks.Callback):
         )
 
 
+def project_run_id() -> str | None:
+    """The run `mlflow run` opened (MLFLOW_RUN_ID), taken out of the environment so that no
+    fluent MLflow call later reuses it by accident."""
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def new_parent_run(client: MlflowClient, experiment_name: str, run_name: str, project_run: str | None) -> str:
+    """`project_run` when `mlflow run` opened one, else a new run in `experiment_name`."""
+    if project_run:
+        return project_run
+    experiment = mlflow.set_experiment(experiment_name)
+    return client.create_run(experiment.experiment_id, run_name=run_name).info.run_id
+
+
 class Tracker:
     """Finds or makes the study's parent run and makes the trial runs under it."""
 
@@ -123,7 +137,7 @@ class Tracker:
         self.client = _client()
         self.study = study
         self.settings = settings
-        project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # set by `mlflow run`
+        project_run = project_run_id()
         stored = study.user_attrs.get(PARENT_ATTR) or (_wait_for_parent(study) if wait_for_parent else None)
         self.worker_run_id = None
         if stored and _run_exists(self.client, stored):
@@ -133,11 +147,7 @@ class Tracker:
                 self.client.set_tag(project_run, "mlflow.parentRunId", stored)
                 self.client.set_tag(project_run, "pipeline.role", "worker")
         else:
-            if project_run:
-                self.parent_run_id = project_run
-            else:
-                experiment = mlflow.set_experiment(settings.experiment_name)
-                self.parent_run_id = self.client.create_run(experiment.experiment_id, run_name=study.study_name).info.run_id
+            self.parent_run_id = new_parent_run(self.client, settings.experiment_name, study.study_name, project_run)
             study.set_user_attr(PARENT_ATTR, self.parent_run_id)
         self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
         self._describe_parent()
@@ -150,7 +160,10 @@ class Tracker:
             "pipeline.role": "study",
             "dataset": s.dataset,
             "search_space": s.search_space,
+            "objectives": ",".join(s.objective_names),
         }
+        if s.multi_objective:
+            tags["pruning"] = "off: Optuna does not prune multi-objective studies"
         for k, v in tags.items():
             self.client.set_tag(self.parent_run_id, k, v)
         run = self.client.get_run(self.parent_run_id)
@@ -160,7 +173,8 @@ class Tracker:
         if "metric" not in run.data.params:
             for k, v in {"dataset": s.dataset, "search_space": s.search_space, "metric": s.metric,
                          "direction": s.direction, "epochs": s.epochs, "cv_folds": s.cv_folds,
-                         "pruner": s.pruner, "seed": s.seed, "storage": mask(s.storage)}.items():
+                         "pruner": s.pruner if s.pruning else "none", "seed": s.seed, "storage": mask(s.storage),
+                         "objectives": ",".join(s.objective_names)}.items():
                 self.client.log_param(self.parent_run_id, k, v)
 
     @property
@@ -176,6 +190,8 @@ class Tracker:
             "optuna.trial_number": str(trial.number),
             "optuna.trial_state": "RUNNING",
         }
+        if "warm_start" in trial.user_attrs:
+            tags["warm_start"] = trial.user_attrs["warm_start"]
         run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags).info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])

@@ -36,6 +36,11 @@ def validation_splits(x, y, cv_folds: int, val_fraction: float, seed: int) -> li
     return [Split(x[tr], y[tr], x[va], y[va]) for tr, va in splitter.split(np.zeros(len(y)), y)]
 
 
+class KeepModel(keras.callbacks.Callback):
+    """Hands the fitted model back to a caller that needs more than metrics (latency, test
+    scores): after `train`, `.model` holds it with early stopping's best weights restored."""
+
+
 def prefixed(logs: dict) -> dict:
     """Keras log names -> ours: `accuracy` -> `train_accuracy`, `val_*` unchanged."""
     return {(k if k.startswith("val_") else f"train_{k}"): float(v) for k, v in logs.items()}

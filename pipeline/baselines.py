@@ -1,0 +1,100 @@
+"""The published models as baselines: train each with the pipeline's own `train` on the
+search's hold-out validation split and epoch cap, then score it on the test split.
+
+    python -m pipeline baselines --dataset digits --epochs 5 [--only toy_tuned,vgg4]
+
+The configurations come from `baselines` (default search_spaces/baselines.yaml), each
+validated against the space the file names. One MLflow parent run (`pipeline.role=baselines`)
+holds one run per baseline tagged `baseline=<name>` with its per-epoch metrics, the best
+epoch's `train_*`/`val_*` metrics, `test_*` scores, `params_count` and `seconds`; the parent
+gets the table as `baselines.csv`. Unlike a search, this command exists to open the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.refit import score
+from pipeline.tracking import EpochLogger, new_parent_run, project_run_id
+from pipeline.train import KeepModel, train, validation_splits
+from pipeline.warm_start import load_configurations
+
+COLUMNS = ("name", "parameters", "val_accuracy", "test_accuracy", "seconds")
+
+
+def train_and_test(params: dict, split, data, x_test, y_test, settings, callbacks) -> dict:
+    """Best-epoch metrics of one baseline, its test scores, parameter count and seconds."""
+    keep = KeepModel()
+    start = time.perf_counter()
+    metrics = train(params, split, data.input_shape, data.n_classes, epochs=settings.epochs, monitor=settings.metric,
+                    direction=settings.direction, patience=settings.patience, callbacks=[*callbacks, keep],
+                    seed=settings.seed)
+    metrics["seconds"] = time.perf_counter() - start
+    y_pred = keep.model.predict(x_test, verbose=0, batch_size=256).argmax(axis=1)
+    metrics.update(score(y_test, y_pred, data.class_names)[0])
+    return metrics
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'name':<18} {'parameters':>11} {'val_accuracy':>13} {'test_accuracy':>14} {'seconds':>8}"]
+    for r in rows:
+        lines.append(f"{r['name']:<18} {r['parameters']:>11,} {r['val_accuracy']:>13.4f} "
+                     f"{r['test_accuracy']:>14.4f} {r['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def run_baselines(settings, data) -> list[dict]:
+    """Train and test every chosen baseline; returns the table's rows."""
+    space, configs = load_configurations(settings.baselines, only=settings.only_names)
+    split = validation_splits(data.x_train, data.y_train, 1, settings.val_fraction, settings.seed)[0]
+    client = MlflowClient()
+    parent = new_parent_run(client, settings.experiment_name, f"baselines-{data.name}", project_run_id())
+    experiment_id = client.get_run(parent).info.experiment_id
+    for k, v in {"pipeline.role": "baselines", "dataset": settings.dataset, "baselines": settings.baselines,
+                 "search_space": space.path}.items():
+        client.set_tag(parent, k, v)
+    for k, v in {"epochs": settings.epochs, "seed": settings.seed, "val_fraction": settings.val_fraction,
+                 "patience": settings.patience}.items():
+        client.log_param(parent, k, v)
+    print(f"baselines: {', '.join(configs)} on {data.name}, {len(split.y_train)} train / {len(split.y_val)} "
+          f"validation images, up to {settings.epochs} epoch(s) each")
+    x_test, y_test = data.test.open()
+    rows, status = [], "FAILED"
+    try:
+        for name, params in configs.items():
+            run_id = client.create_run(experiment_id, run_name=name,
+                                       tags={"mlflow.parentRunId": parent, "baseline": name}).info.run_id
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+            try:
+                metrics = train_and_test(params, split, data, x_test, y_test, settings, [EpochLogger(client, run_id)])
+            except BaseException as e:
+                client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                raise
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            client.set_terminated(run_id, status="FINISHED")
+            rows.append({"name": name, "parameters": metrics["params_count"], "val_accuracy": metrics["val_accuracy"],
+                         "test_accuracy": metrics["test_accuracy"], "seconds": metrics["seconds"]})
+            print(f"{name}: val_accuracy={metrics['val_accuracy']:.4f} test_accuracy={metrics['test_accuracy']:.4f} "
+                  f"({metrics['seconds']:.0f} s)")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "baselines.csv"
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            client.log_artifact(parent, str(path))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        client.set_terminated(parent, status=status)
+    print("\n" + table(rows))
+    return rows

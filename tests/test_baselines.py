@@ -1,0 +1,104 @@
+"""The published models as baselines (issue 7): each is a valid configuration of its space,
+builds the architecture its source describes and trains; the `baselines` command logs one
+tagged run per baseline under one parent; a baseline outside its space is a clear error."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import ROOT, runs_of
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import run
+from pipeline.errors import PipelineError
+from pipeline.model import build_model
+from pipeline.space import load_space
+from pipeline.train import Split, train
+from pipeline.warm_start import load_configurations, read_file
+
+BASELINES = ROOT / "search_spaces" / "baselines.yaml"
+NAMES = ["toy_1conv", "toy_2conv", "toy_2conv_hidden", "toy_tuned", "lab_baseline", "lab_final", "vgg4", "vgg6"]
+SPACE, CONFIGS = load_configurations(BASELINES)
+
+
+def test_every_baseline_is_valid_in_the_space_it_names():
+    space_path, raw = read_file(BASELINES)
+    assert list(raw) == NAMES and space_path.resolve() == (ROOT / "search_spaces" / "wide.yaml").resolve()
+    wide = load_space(space_path)
+    for name in NAMES:
+        assert wide.violations(CONFIGS[name]) == [], name
+    # the tutorial's best is the same configuration in the tutorial's own space
+    seed = load_space(ROOT / "search_spaces" / "seed.yaml")
+    _, best = load_configurations(ROOT / "search_spaces" / "seed_best.yaml", seed)
+    shared = {k: v for k, v in CONFIGS["toy_tuned"].items() if k in best["tutorial_best"]}
+    assert shared == best["tutorial_best"]
+
+
+def layer_kinds(model):
+    return [type(layer).__name__ for layer in model.layers[2:]]  # after the input and rescaling
+
+
+def test_baselines_build_the_published_architectures():
+    toy = build_model(CONFIGS["toy_1conv"], (32, 32, 3), 10)
+    assert layer_kinds(toy) == ["Conv2D", "Activation", "MaxPooling2D", "Flatten", "Dense"]
+    assert toy.count_params() == (3 * 3 * 3 * 32 + 32) + (16 * 16 * 32 * 10 + 10)  # softmax straight after the pool
+
+    vgg6 = build_model(CONFIGS["vgg6"], (32, 32, 3), 10)
+    block = ["Conv2D", "Activation", "Dropout", "Conv2D", "Activation", "MaxPooling2D"]
+    assert layer_kinds(vgg6) == block * 3 + ["Dropout", "Flatten", "Dense", "Dropout", "Dense"]
+    dense = [layer for layer in vgg6.layers if isinstance(layer, keras.layers.Dense)]
+    assert dense[0].units == 1024 and isinstance(dense[0].kernel_constraint, keras.constraints.MaxNorm)
+    assert dense[0].kernel_constraint.max_value == 3.0
+    assert [d.rate for d in vgg6.layers if isinstance(d, keras.layers.Dropout)] == [0.2] * 5
+
+    vgg4 = build_model(CONFIGS["vgg4"], (32, 32, 3), 10)
+    assert vgg4.optimizer.nesterov and float(vgg4.optimizer.momentum) == 0.9
+    assert [d.rate for d in vgg4.layers if isinstance(d, keras.layers.Dropout)] == [0.25, 0.25, 0.5]
+    lab = build_model(CONFIGS["lab_baseline"], (32, 32, 3), 10)
+    assert layer_kinds(lab)[-3:] == ["Dense", "Dense", "Dense"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_baseline_trains_one_epoch_on_tiny_data(name):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(48) % 4
+    split = Split(x[:32], y[:32], x[32:], y[32:])
+    metrics = train(CONFIGS[name], split, (8, 8, 3), 4, epochs=1)
+    assert metrics["epochs_run"] == 1 and np.isfinite(metrics["train_loss"])
+    assert 0 <= metrics["val_accuracy"] <= 1 and metrics["params_count"] > 0
+
+
+def test_baselines_command_logs_one_tagged_run_per_baseline(settings, digits, capsys):
+    s = settings.replace(epochs=1, only="toy_1conv,lab_final")
+    run("baselines", s, data=digits)
+    assert digits.test.opened
+    runs = runs_of("test-experiment")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["pipeline.role"] == "baselines"
+    assert parents[0].info.status == "FINISHED"
+    children = {r.data.tags["baseline"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert sorted(children) == ["lab_final", "toy_1conv"] and len(runs) == 3
+    out = capsys.readouterr().out
+    for name, child in children.items():
+        assert child.info.status == "FINISHED"
+        assert {"val_accuracy", "test_accuracy", "test_f1_macro", "seconds", "params_count"} <= set(child.data.metrics)
+        assert child.data.params["conv1_filters"] == str(CONFIGS[name]["conv1_filters"])
+        line = next(line for line in out.splitlines() if line.startswith(f"{name} ") and "," in line)
+        assert f"{int(child.data.metrics['params_count']):,}" in line
+        assert f"{child.data.metrics['test_accuracy']:.4f}" in line
+    assert "baselines.csv" in {a.path for a in MlflowClient().list_artifacts(parents[0].info.run_id)}
+
+
+def test_a_baseline_outside_its_space_is_a_clear_error(tmp_path, settings, digits):
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"search_space: {ROOT / 'search_spaces' / 'wide.yaml'}\n"
+                    "configurations:\n  fine: {depth: 1, conv1_filters: 32, conv1_kernel_size: 3}\n"
+                    "  odd: {depth: 1, conv1_filters: 32, conv1_kernel_size: 7}\n")
+    with pytest.raises(PipelineError) as error:
+        run("baselines", settings.replace(baselines=str(path)), data=digits)
+    message = str(error.value)
+    assert message.startswith(f"{path}: configuration 'odd' is outside search space")
+    assert "conv1_kernel_size=7 is outside the space" in message and "\n" not in message
+    assert not digits.test.opened and MlflowClient().get_experiment_by_name("test-experiment") is None
