@@ -21,6 +21,7 @@ from conftest import ROOT, runs_of
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
+from pipeline.recover import HOST
 from pipeline.search import Objective, run_search
 from pipeline.space import load_space
 from pipeline.study import counted_trials, make_storage, open_study
@@ -150,8 +151,8 @@ def test_three_workers_share_one_study_within_the_global_budget(workers, storage
 
     study = workers.study()
     assert 9 <= counted_trials(study) <= 11, [t.state for t in study.trials]
-    assert len({p for t in study.trials for p in [tuple(sorted(t.params.items()))]}) == len(study.trials), \
-        "workers with one seed must not draw the same configurations"
+    configurations = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(configurations) == len(study.trials), "workers with one seed must not draw the same configurations"
     assert len({t.user_attrs["worker_pid"] for t in study.trials}) >= 2, "the workers shared the trials"
 
     runs = runs_of("dist")
@@ -247,10 +248,10 @@ def test_a_worker_starting_on_a_journal_study_recovers_trials_of_dead_processes(
     gone.wait()
     orphan = study.ask()
     space.sample(orphan)
-    orphan.set_user_attr("worker_host", __import__("socket").gethostname())
+    orphan.set_user_attr("worker_host", HOST)
     orphan.set_user_attr("worker_pid", gone.pid)
     alive = study.ask()  # owned by a live process (this one): left alone
-    alive.set_user_attr("worker_host", __import__("socket").gethostname())
+    alive.set_user_attr("worker_host", HOST)
     alive.set_user_attr("worker_pid", os.getppid())
 
     run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
