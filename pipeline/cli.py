@@ -128,6 +128,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
 
 
 def _recover(settings: Settings, space) -> dict:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pipeline.recover import recover
@@ -136,8 +137,11 @@ def _recover(settings: Settings, space) -> dict:
 
     study = open_study(settings, space, create=False)
     client = MlflowClient()
-    parent = study.user_attrs.get(PARENT_ATTR)
-    failed, closed = recover(study, client, client.get_run(parent).info.experiment_id if parent else None)
+    try:  # the parent run names the experiment of the trial runs
+        experiment_id = client.get_run(study.user_attrs[PARENT_ATTR]).info.experiment_id
+    except (KeyError, MlflowException):
+        experiment_id = None  # no parent in this tracking store: only the study is recovered
+    failed, closed = recover(study, client, experiment_id)
     if not (failed or closed):
         print(f"recover: study {study.study_name!r}: no dead trials")
     return {}
