@@ -3,11 +3,13 @@
     python -m pipeline main      # search, then refit the best trial and score it on the test split
     python -m pipeline search    # search only; several workers may share one storage
     python -m pipeline refit     # refit and test the best trial of an existing study
+    python -m pipeline recover   # fail and requeue the trials of dead workers, close their runs
     python -m pipeline space     # dry run: validate a space, print sampled models, no training
     python -m pipeline baselines # train and test the published models (search_spaces/baselines.yaml)
 
 Options are the fields of `pipeline.config.Settings`. Bad input ends with a one-line
-`error: ...` and exit code 2; Ctrl-C or SIGTERM with exit code 130 and how to resume.
+`error: ...` and exit code 2; Ctrl-C ends with exit code 130, SIGTERM with 143, both after
+marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ COMMANDS = {
     "main": "search, then refit the best configuration and score it on the test split",
     "search": "search only (run several against one storage to share a study)",
     "refit": "refit and test the best trial of an existing study",
+    "recover": "fail and requeue the trials of dead workers and close their MLflow runs",
     "space": "dry run: validate the space, sample `samples` configurations, print their models (no training)",
     "baselines": "train each baseline configuration, score it on the test split, print a table",
 }
@@ -53,11 +56,12 @@ def _quiet_tensorflow():
 
 
 def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def run(command: str, settings: Settings, data=None) -> dict:
-    """Run one command; returns the test metrics for main/refit, {} for the others.
+    """Run one command, log the study's plots and trials table to its parent run and print
+    a summary; returns the test metrics for main/refit, {} for the others.
 
     `data` may be passed in (tests load it once); otherwise it is loaded from settings.
     Bad settings, space files, warm-start files and data fail here, before any study or run
@@ -68,6 +72,8 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.warm_start import enqueue, load_configurations
 
     space = load_space(settings.search_space)
+    if command == "recover":
+        return _recover(settings, space)
     warm = {}
     if command in SEARCHES and settings.warm_start:
         warm = load_configurations(settings.warm_start, space, settings.only_names)[1]
@@ -89,24 +95,29 @@ def run(command: str, settings: Settings, data=None) -> dict:
 
     from pipeline.pareto import log_front
     from pipeline.refit import refit_and_test
+    from pipeline.report import log_study_report
     from pipeline.search import Objective, run_search
-    from pipeline.study import open_study
+    from pipeline.study import join_study
+    from pipeline.terminal import summary
     from pipeline.tracking import Tracker
 
-    study = open_study(settings, space, create=command != "refit")
+    study, created = join_study(settings, space, create=command != "refit")
     if command in SEARCHES and settings.multi_objective and settings.pruner != "none":
         print(f"pruning is off: Optuna does not prune multi-objective studies (pruner={settings.pruner} ignored)")
     if warm:
         new = enqueue(study, warm)
         print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
-    tracker = Tracker(study, settings)
+    # a worker that lost the race to create the study waits for the winner's parent run
+    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit")
     status = "FAILED"
     try:
         if command in SEARCHES:
             run_search(study, Objective(data, space, settings, tracker), settings)
-            if settings.multi_objective:
-                log_front(study, settings, tracker)
+        if command in SEARCHES and settings.multi_objective:
+            log_front(study, settings, tracker)
+        log_study_report(study, tracker.client, tracker.parent_run_id)
         metrics = refit_and_test(study, data, settings, tracker) if command in ("main", "refit") else {}
+        print(summary(study, settings, tracker.parent_run_id, metrics))
         status = "FINISHED"
         return metrics
     except KeyboardInterrupt:
@@ -116,23 +127,45 @@ def run(command: str, settings: Settings, data=None) -> dict:
         tracker.finish(status)
 
 
+def _recover(settings: Settings, space) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.recover import recover
+    from pipeline.study import open_study
+    from pipeline.tracking import PARENT_ATTR
+
+    study = open_study(settings, space, create=False)
+    client = MlflowClient()
+    parent = study.user_attrs.get(PARENT_ATTR)
+    failed, closed = recover(study, client, client.get_run(parent).info.experiment_id if parent else None)
+    if not (failed or closed):
+        print(f"recover: study {study.study_name!r}: no dead trials")
+    return {}
+
+
+def _resume_hint(command: str, settings: Settings) -> str:
+    from pipeline.tracking import mask
+
+    return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
+            f"(and your other options), or the same `mlflow run` command")
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    command = settings = None
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
-        metrics = run(command, settings)
+        run(command, settings)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "interrupted: the running trial is marked FAIL and its MLflow run KILLED; "
-            "run the same command again to resume the study",
-            file=sys.stderr,
-        )
-        return 130
-    for k, v in metrics.items():
-        if not k.startswith(("test_precision_", "test_recall_", "test_f1_")) or k.endswith("_macro"):
-            print(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"interrupted by {name}: the running trial is marked FAIL (user attr fail_reason) and its "
+              f"MLflow run KILLED; the study keeps every finished trial.", file=sys.stderr)
+        if settings:
+            print(_resume_hint(command, settings), file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     return 0

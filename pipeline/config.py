@@ -39,6 +39,11 @@ class Settings:
     direction: str = _param("maximize", "maximize or minimize the metric")
     patience: int = _param(3, "early-stopping patience in epochs")
     val_fraction: float = _param(0.2, "share of the train split held out for validation")
+    # issue 4: results a person can read
+    registered_model_name: str = _param("", "MLflow registered model of the refit (default: the study name)")
+    # issue 3: distributed, resumable, crash-safe studies
+    heartbeat_interval: int = _param(10, "seconds between a running trial's heartbeats (RDB storages)")
+    grace_period: int = _param(30, "seconds without a heartbeat before a trial counts as dead (RDB storages)")
     # issue 6: multi-objective search, warm starts, space dry run
     objectives: str = _param(DEFAULT_OBJECTIVES, "comma list: the metric first, then params and/or latency_ms (minimized)")
     select: str = _param("", "refit rule for multi-objective studies, e.g. max_params=50000 (default: most accurate)")
@@ -62,6 +67,9 @@ class Settings:
             (self.metric.startswith("val_"), "metric", "must be a validation metric (val_*)"),
             (bool(self.dataset), "dataset", "must not be empty"),
             (bool(self.storage), "storage", "must not be empty"),
+            (not set("/:") & set(self.registered_model_name), "registered_model_name", "must not contain '/' or ':'"),
+            (self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1"),
+            (self.grace_period > self.heartbeat_interval, "grace_period", "must be > heartbeat_interval"),
             (self.samples >= 1, "samples", "must be >= 1"),
         ]
         for ok, name, why in checks:
@@ -129,6 +137,11 @@ class Settings:
 
         data = Path(self.dataset.rstrip("/")).name.split(".")[0] or "data"
         return f"{data}-{Path(self.search_space).stem}"
+
+    @property
+    def model_name(self) -> str:
+        """The registered model name: `registered_model_name`, or the study name made valid."""
+        return self.registered_model_name or self.study.replace("/", "-").replace(":", "-")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -4,33 +4,22 @@ The best trial (in a multi-objective study: the Pareto trial the `select` rule p
 pipeline/pareto.py) is refit for the epochs it actually needed (its best epoch).
 Only here is the held-out test split opened. Results go to the study's parent run:
 `best_<metric>`, `test_accuracy`, `test_{precision,recall,f1}_macro`, per-class scores,
-the classification report (text and JSON), confusion matrices (PNG) and the model.
+the classification report (text and JSON) and confusion matrices (PNG, pipeline.report),
+and the models (pipeline.serving): the Keras model, and a pyfunc that answers with class
+names, registered as `registered_model_name` (a new version per refit).
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
+import mlflow
+import optuna
+from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-from mlflow.models import infer_signature  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    ConfusionMatrixDisplay,
-    accuracy_score,
-    classification_report,
-    precision_recall_fscore_support,
-)
-
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.pareto import select_trial  # noqa: E402
-from pipeline.train import fit_full  # noqa: E402
+from pipeline.errors import PipelineError
+from pipeline.pareto import select_trial
+from pipeline.report import log_test_report
+from pipeline.serving import log_models
+from pipeline.train import fit_full
 
 
 def best_trial(study: optuna.Study, settings) -> optuna.trial.FrozenTrial:
@@ -64,24 +53,6 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def confusion_pngs(y_true, y_pred, class_names: list[str], folder: Path) -> list[Path]:
-    """Confusion matrix as counts and row-normalised, labelled with class names."""
-    paths = []
-    for normalize, name in ((None, "confusion_matrix.png"), ("true", "confusion_matrix_normalized.png")):
-        size = max(5, 0.6 * len(class_names) + 2)
-        fig, ax = plt.subplots(figsize=(size, size))
-        ConfusionMatrixDisplay.from_predictions(
-            y_true, y_pred, labels=range(len(class_names)), display_labels=class_names, normalize=normalize,
-            values_format=".2f" if normalize else "d", ax=ax, colorbar=False, xticks_rotation=45,
-        )
-        ax.set_title("Test confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=100)
-        plt.close(fig)
-        paths.append(folder / name)
-    return paths
-
-
 def refit_and_test(study: optuna.Study, data, settings, tracker) -> dict:
     """Refit the best configuration, open the test split once, log everything to the parent."""
     best = best_trial(study, settings)
@@ -103,23 +74,7 @@ def refit_and_test(study: optuna.Study, data, settings, tracker) -> dict:
     client.set_tag(run_id, "best_trial_number", str(best.number))
     if settings.multi_objective:
         client.set_tag(run_id, "select", settings.select or "most accurate")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / "classification_report.txt").write_text(report_text)
-        (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
-        (folder / "best_params.json").write_text(json.dumps(params, indent=2))
-        confusion_pngs(y_test, y_pred, data.class_names, folder)
-        for path in sorted(folder.iterdir()):
-            client.log_artifact(run_id, str(path))
-    log_model(model, x_test[:4], data.class_names, run_id)
+    log_test_report(y_test, y_pred, data.class_names, report, report_text, params, client, run_id)
+    info = log_models(model, x_test[:4], data.class_names, run_id, settings.model_name)
+    client.set_tag(run_id, "registered_model", f"{settings.model_name}/{info.registered_model_version}")
     return metrics
-
-
-def log_model(model, example: np.ndarray, class_names: list[str], run_id: str) -> None:
-    """Log the Keras model with its signature. `input_example=` crashes in mlflow 3.17-3.18
-    (mlflow issue 16183), so the example travels as a JSON artifact beside the model."""
-    signature = infer_signature(example, model.predict(example, verbose=0))
-    with mlflow.start_run(run_id=run_id):
-        mlflow.keras.log_model(model, name="model", signature=signature)
-        mlflow.log_dict({"inputs": example.tolist()}, "model_input_example.json")
-        mlflow.log_dict({"class_names": class_names}, "class_names.json")

@@ -1,9 +1,14 @@
 """The search: a thin Optuna objective around `train`, and the loop that spends the budget.
 
-`Objective` holds the data (split once, in memory) and per trial: samples params from the
-space, opens the trial's MLflow run, trains each fold with pruning and logging callbacks,
-and returns the mean validation score, followed by the parameter count and/or the measured
+`Objective` holds the data (split once, in memory) and per trial: records which process
+runs it, closes the MLflow runs of trials whose worker died, samples params from the space,
+opens the trial's MLflow run, trains each fold with pruning and logging callbacks, and
+returns the mean validation score, followed by the parameter count and/or the measured
 inference latency per image in a multi-objective study. The test split is never touched here.
+
+`run_search` first recovers the trials of dead workers (`pipeline.recover`), then runs
+trials until the study, all workers together, has `n_trials` complete or pruned ones, and
+no trial starts after the study-wide deadline.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import optuna
 from optuna_integration import KerasPruningCallback
 
 from pipeline.model import latency_ms
+from pipeline.recover import mark_owner, recover
 from pipeline.study import COUNTED, counted_trials, deadline
+from pipeline.terminal import progress_bar
 from pipeline.train import KeepModel, train, validation_splits
 
 LATENCY_IMAGES = 256  # validation images timed for `latency_ms`
@@ -48,6 +55,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
+        mark_owner(trial)
+        self.tracker.close_dead_runs()
         params = self.space.sample(trial)
         trial.set_user_attr("params", params)
         with self.tracker.trial_run(trial, params) as run_id:
@@ -69,22 +78,23 @@ class Objective:
                 "trial_value": value,
                 "epochs_needed": int(round(float(np.median([f["epochs_needed"] for f in folds])))),
                 "epochs_run": int(sum(f["epochs_run"] for f in folds)),
-                "params_count": folds[0]["params_count"],
             }
             if "latency_ms" in s.objective_names:
                 summary["latency_ms"] = latency_ms(keep.model, self.splits[0].x_val[:LATENCY_IMAGES])
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
                 self.tracker.client.log_metric(run_id, key, v)
+            trial.set_user_attr("params_count", folds[0]["params_count"])  # the metric: EpochLogger
         if not s.multi_objective:
             return value
-        extra = {"params": summary["params_count"], "latency_ms": summary.get("latency_ms")}
+        extra = {"params": folds[0]["params_count"], "latency_ms": summary.get("latency_ms")}
         return (value, *(float(extra[name]) for name in s.objective_names[1:]))
 
 
 def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     """Spend the study's global trial budget (shared by all workers) before the study-wide
     deadline: no trial starts after it; one running at it finishes (or is pruned)."""
+    recover(study, objective.tracker.client, objective.tracker.experiment_id)
     remaining = settings.n_trials - counted_trials(study)
     if remaining <= 0:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
@@ -97,10 +107,11 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
             print(f"study {study.study_name!r} passed its deadline {stamp}; no trial started (timeout=0 lifts it)")
             return
         print(f"study {study.study_name!r}: no trial starts after {stamp}")
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        timeout=seconds,
-        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED)],
-        gc_after_trial=True,
-    )
+    with progress_bar(study, settings) as bar:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=seconds,
+            callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED), bar],
+            gc_after_trial=True,
+        )

@@ -4,16 +4,24 @@ deadline that `timeout` sets.
 
 Storages: `sqlite:///file.db` (one worker), `journal:///abs/path.journal` (several workers
 on one machine), `postgresql://...` / `mysql://...` (workers on many machines). RDB
-storages get heartbeats, so a killed worker's trial turns FAIL and is retried.
+storages get heartbeats, so a killed worker's trial turns FAIL and is retried; journal
+storages are recovered by `pipeline.recover`. `$VAR` / `${VAR}` in a URL are expanded from
+the environment, so a password need not appear on a command line or in MLflow params.
+
+Several workers may start on a fresh study at once: the storage lets exactly one create it
+(`join_study` says which), and the sampler is reseeded per trial number, so workers that
+share a `seed` still draw different configurations.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
@@ -23,30 +31,41 @@ from pipeline.tracking import mask
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)
 GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead
 MAX_RETRY = 2  # times a trial of a dead worker is retried
+DRIVERS = {"postgresql://": "postgresql+psycopg2://", "mysql://": "mysql+pymysql://"}  # the pinned ones
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 DEADLINE_ATTR = "deadline"  # study user attr: epoch seconds after which no trial starts
 
 
-def make_storage(url: str):
+def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
     """An Optuna storage for `url`; errors mask the password."""
+    given, url = url, os.path.expandvars(url)
     if url.startswith("journal://"):
         path = Path(url.removeprefix("journal://"))
         if not path.parent.is_dir():
-            raise PipelineError(f"storage={url}: folder {path.parent} does not exist")
+            raise PipelineError(f"storage={given}: folder {path.parent} does not exist")
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     if not url.startswith(("sqlite:", "postgresql", "mysql")):
-        raise PipelineError(f"storage={mask(url)}: expected sqlite:///..., journal:///..., postgresql://... or mysql://...")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_INTERVAL,
-                grace_period=GRACE_PERIOD,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            )
-    except Exception as e:
-        raise PipelineError(f"storage={mask(url)}: cannot open ({type(e).__name__}: {mask(str(e).splitlines()[0])})") from None
+        raise PipelineError(f"storage={mask(given)}: expected sqlite:///..., journal:///..., postgresql://... or mysql://...")
+    for plain, with_driver in DRIVERS.items():
+        if url.startswith(plain):
+            url = with_driver + url.removeprefix(plain)
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                )
+        except Exception as e:
+            # Workers opening a fresh database at once race to create Optuna's tables: try again.
+            if attempt < 4 and (isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)):
+                time.sleep(1 + attempt)
+                continue
+            first_line = mask(str(e).splitlines()[0])
+            raise PipelineError(f"storage={mask(given)}: cannot open ({type(e).__name__}: {first_line})") from None
 
 
 def make_pruner(name: str, epochs: int, folds: int):
@@ -64,39 +83,73 @@ def identity(settings, space) -> dict:
             "objectives": ",".join(settings.objective_names)}
 
 
-def open_study(settings, space, *, create: bool = True) -> optuna.Study:
-    """Create the study or load it (`create=False`: it must exist); refuse to reuse it
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """TPE reseeded for every trial with `seed + trial.number`.
+
+    Trial numbers are unique within a study, so workers started with the same `seed` never
+    draw the same random configurations, while one worker alone stays reproducible: trial n
+    always starts from the same random state.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study, trial):
+        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe.after_trial(study, trial, state, values)
+
+
+def join_study(settings, space, *, create: bool = True) -> tuple[optuna.Study, bool]:
+    """Create the study or load it (`create=False`: it must exist) and say whether this call
+    created it: of several workers starting at once exactly one does. Refuse to reuse a study
     with a different identity (dataset, space, metric, direction, folds, objectives).
     Several objectives make a multi-objective study, without pruning (Optuna has none for it)."""
-    storage = make_storage(settings.storage)
+    storage = make_storage(settings.storage, settings.heartbeat_interval, settings.grace_period)
     name = settings.study
-    if create:
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            load_if_exists=True,
-            directions=settings.directions,
-            sampler=optuna.samplers.TPESampler(seed=settings.seed),
-            pruner=make_pruner(settings.pruner if settings.pruning else "none", settings.epochs, settings.cv_folds),
-        )
-    else:
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            raise PipelineError(f"study_name={name!r}: no such study in {mask(settings.storage)}") from None
+    pruner = make_pruner(settings.pruner if settings.pruning else "none", settings.epochs, settings.cv_folds)
+    kwargs = dict(study_name=name, storage=storage, sampler=TrialSeededSampler(settings.seed), pruner=pruner)
+    created = False
+    try:
+        if create:
+            study, created = optuna.create_study(directions=settings.directions, **kwargs), True
+        else:
+            study = optuna.load_study(**kwargs)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)
+    except KeyError:
+        raise PipelineError(f"study_name={name!r}: no such study in {mask(settings.storage)}") from None
     if len(study.directions) != len(settings.directions):
         raise PipelineError(f"study_name={name!r} has {len(study.directions)} objective(s), not "
                             f"{len(settings.directions)} (objectives={settings.objectives!r}); use another study_name")
     wanted = identity(settings, space)
     known = {k: study.user_attrs[k] for k in wanted if k in study.user_attrs}
+    known.setdefault("direction", study.directions[0].name.lower())
     clash = {k: (v, wanted[k]) for k, v in known.items() if v != wanted[k]}
     if clash:
         k, (old, new) = next(iter(clash.items()))
         raise PipelineError(f"study_name={name!r} was made with {k}={old!r}, not {new!r}; use another study_name")
     for k, v in wanted.items():
-        if k not in known:
+        if k not in study.user_attrs:
             study.set_user_attr(k, v)
-    return study
+    return study, created
+
+
+def open_study(settings, space, *, create: bool = True) -> optuna.Study:
+    """`join_study` without the flag."""
+    return join_study(settings, space, create=create)[0]
 
 
 def counted_trials(study: optuna.Study) -> int:

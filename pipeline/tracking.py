@@ -5,11 +5,17 @@ worker and every resume finds the same parent. Under `mlflow run`, MLFLOW_RUN_ID
 project's run: it becomes the parent of a new study, or, when the study already has a parent,
 a worker run nested under it. All calls go through an explicit `MlflowClient` and run ids,
 so no fluent "active run" state can make a trial overwrite its parent.
+
+When several workers start on a fresh study at once, only the one that created the study
+makes the parent; the others wait for its id to appear. A trial's run ends with the trial:
+FINISHED, FAILED, or KILLED on Ctrl-C/SIGTERM, with the tag `pipeline.fail_reason`; the
+run of a trial whose worker died is closed by `close_dead_runs` (see `pipeline.recover`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import time
@@ -23,6 +29,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.train import prefixed
 
 PARENT_ATTR = "mlflow_parent_run_id"
+PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its parent run
+FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
 _PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
 
 
@@ -38,12 +46,60 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
+def _client() -> MlflowClient:
+    """An MlflowClient. On first use MLflow sets up a SQLite store's tables, and workers doing
+    that at once corrupt it: they take turns, with a file lock beside the database."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient()
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient()
+
+
+def _wait_for_parent(study: optuna.Study, timeout: float = PARENT_WAIT) -> str | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stored := study.user_attrs.get(PARENT_ATTR):
+            return stored
+        time.sleep(0.2)
+    return None
+
+
+def end_run(client: MlflowClient, run_id: str, state: str, status: str, reason: str | None = None):
+    """Close a trial's run: Optuna's state as a tag, MLflow's status, and why it failed."""
+    client.set_tag(run_id, "optuna.trial_state", state)
+    if reason:
+        client.set_tag(run_id, FAIL_REASON, mask(reason)[:500])
+    client.set_terminated(run_id, status=status)
+
+
+def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: str) -> list[int]:
+    """End the runs still RUNNING of trials already FAIL in Optuna (their worker died):
+    FAILED, never left RUNNING. Returns those trial numbers."""
+    failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
+    if not failed:
+        return []
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        number = tags.get("optuna.trial_number")
+        if tags.get("optuna.study_name") == study.study_name and number is not None and int(number) in failed:
+            end_run(client, run.info.run_id, "FAIL", "FAILED", "worker died (lost heartbeat or process gone)")
+            closed.append(int(number))
+    return sorted(closed)
+
+
 class EpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run."""
+    """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run,
+    and the model's `params_count` when training starts (so pruned trials have it too)."""
 
     def __init__(self, client: MlflowClient, run_id: str, step_offset: int = 0):
         super().__init__()
         self.client, self.run_id, self.offset = client, run_id, step_offset
+
+    def on_train_begin(self, logs=None):
+        self.client.log_metric(self.run_id, "params_count", self.model.count_params(), step=self.offset)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -75,12 +131,14 @@ def new_parent_run(client: MlflowClient, experiment_name: str, run_name: str, pr
 class Tracker:
     """Finds or makes the study's parent run and makes the trial runs under it."""
 
-    def __init__(self, study: optuna.Study, settings):
-        self.client = MlflowClient()
+    def __init__(self, study: optuna.Study, settings, *, wait_for_parent: bool = False):
+        """`wait_for_parent`: another worker has just created the study (see
+        `pipeline.study.join_study`) and is about to store its parent run id: wait for it."""
+        self.client = _client()
         self.study = study
         self.settings = settings
         project_run = project_run_id()
-        stored = study.user_attrs.get(PARENT_ATTR)
+        stored = study.user_attrs.get(PARENT_ATTR) or (_wait_for_parent(study) if wait_for_parent else None)
         self.worker_run_id = None
         if stored and _run_exists(self.client, stored):
             self.parent_run_id = stored
@@ -140,26 +198,31 @@ class Tracker:
         try:
             yield run_id
         except optuna.TrialPruned:
-            self.end_trial(run_id, "PRUNED", "FINISHED")
+            end_run(self.client, run_id, "PRUNED", "FINISHED")
             raise
-        except Exception:
-            self.end_trial(run_id, "FAIL", "FAILED")
+        except Exception as e:
+            end_run(self.client, run_id, "FAIL", "FAILED", f"{type(e).__name__}: {e}")
             raise
-        except BaseException:  # Ctrl-C, SIGTERM
-            self.end_trial(run_id, "FAIL", "KILLED")
+        except BaseException as e:  # Ctrl-C, or SIGTERM (pipeline.cli makes it a KeyboardInterrupt)
+            reason = f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt) else type(e).__name__
+            trial.set_user_attr("fail_reason", reason)
+            end_run(self.client, run_id, "FAIL", "KILLED", reason)
             raise
         else:
-            self.end_trial(run_id, "COMPLETE", "FINISHED")
+            end_run(self.client, run_id, "COMPLETE", "FINISHED")
 
-    def end_trial(self, run_id: str, state: str, status: str):
-        self.client.set_tag(run_id, "optuna.trial_state", state)
-        self.client.set_terminated(run_id, status=status)
+    def close_dead_runs(self) -> list[int]:
+        return close_dead_runs(self.client, self.study, self.experiment_id)
 
     def epoch_logger(self, run_id: str, step_offset: int = 0) -> EpochLogger:
         return EpochLogger(self.client, run_id, step_offset)
 
     def finish(self, status: str = "FINISHED"):
-        """End this process's runs (the parent stays resumable: it is reopened on resume)."""
-        for run_id in filter(None, (self.worker_run_id, self.parent_run_id)):
-            if RunStatus.is_terminated(RunStatus.from_string(status)):
-                self.client.set_terminated(run_id, status=status)
+        """End this process's worker run, and the parent unless other workers still run
+        trials (the last one out ends it; it is reopened on resume)."""
+        if not RunStatus.is_terminated(RunStatus.from_string(status)):
+            return
+        if self.worker_run_id:
+            self.client.set_terminated(self.worker_run_id, status=status)
+        if not self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            self.client.set_terminated(self.parent_run_id, status=status)

@@ -9,15 +9,18 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
 
-def test_mlflow_run_local(tmp_path, tracking_uri):
+@pytest.mark.parametrize("env_manager", ["local", pytest.param("uv", marks=pytest.mark.slow)])
+def test_mlflow_run(tmp_path, tracking_uri, env_manager):
+    """`uv` builds an environment from conda.yaml's pip section (cached in ~/.mlflow/envs)."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": tracking_uri}
     result = subprocess.run(
-        [f"{bin_dir}/mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "e2e",
+        [f"{bin_dir}/mlflow", "run", str(ROOT), "--env-manager", env_manager, "--experiment-name", "e2e",
          "-P", "n_trials=2", "-P", "epochs=1", "-P", f"storage=sqlite:///{tmp_path}/o.db"],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -36,4 +39,6 @@ def test_mlflow_run_local(tmp_path, tracking_uri):
     assert "test_accuracy" in parent.data.metrics and "best_val_accuracy" in parent.data.metrics
     assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
-    assert [m.source_run_id for m in models] == [parent.info.run_id]
+    assert sorted(m.name for m in models) == ["keras_model", "model"]
+    assert {m.source_run_id for m in models} == {parent.info.run_id}
+    assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}

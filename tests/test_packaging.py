@@ -8,6 +8,7 @@ from conftest import ROOT
 
 from pipeline.cli import COMMANDS
 from pipeline.config import fields
+from pipeline.mlproject import render
 
 
 def pinned_lines(text):
@@ -32,3 +33,7 @@ def test_mlproject_entry_points_pass_every_setting_with_the_cli_default():
             assert entry["parameters"][setting]["default"] == default, (name, setting)
             assert f"--{setting} {{{setting}}}" in entry["command"], (name, setting)
         assert set(entry["parameters"]) == {f[0] for f in fields()}
+
+
+def test_mlproject_is_generated_from_the_cli():
+    assert (ROOT / "MLproject").read_text() == render(), "run: python -m pipeline.mlproject > MLproject"

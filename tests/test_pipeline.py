@@ -51,10 +51,10 @@ def test_main_nests_trials_under_one_parent_and_scores_the_test_split(settings, 
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
     assert {"classification_report.txt", "confusion_matrix.png", "confusion_matrix_normalized.png"} <= artifacts
 
-    # the logged model takes raw uint8 pixels and predicts class probabilities
-    model_uri = mlflow.last_logged_model().model_uri if mlflow.last_logged_model() else None
-    assert model_uri is not None
-    model = mlflow.pyfunc.load_model(model_uri)
+    # the Keras model takes raw uint8 pixels and predicts class probabilities
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert {m.name for m in models} == {"keras_model", "model"}
+    model = mlflow.pyfunc.load_model(next(m for m in models if m.name == "keras_model").model_uri)
     assert model.metadata.signature is not None
     x, y = digits.test.open()
     probabilities = np.asarray(model.predict(x[:50]))
@@ -103,6 +103,7 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
     child = MlflowClient().get_run(pruned.user_attrs["mlflow_run_id"])
     assert child.data.tags["optuna.trial_state"] == "PRUNED"
     assert child.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+    assert child.data.metrics["params_count"] > 0, "a pruned trial has its parameter count too"
 
 
 def test_cross_validation_scores_each_trial_by_the_mean_over_folds(tmp_path, settings, digits):

@@ -1,0 +1,145 @@
+"""Reports a person can read, written as files and logged to the study's parent run.
+
+    log_study_report(study, client, run_id)          # after a search: plots + trials table
+    log_test_report(y_true, y_pred, class_names, report, report_text, client, run_id)  # after the refit
+
+Study plots come from Optuna's visualization module: the plotly figure as interactive HTML
+(`<name>.html`) and its matplotlib twin as PNG (`<name>.png`) for `optimization_history`,
+`param_importances`, `parallel_coordinate` and `intermediate_values`. A plot the study
+cannot support yet (no complete trial, importances from fewer than two complete trials or
+without a varying parameter, no intermediate values) is skipped with a note, not an error.
+`trials.csv` lists every trial: number, state, value, params, duration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import optuna.visualization as plotly_vis  # noqa: E402
+import optuna.visualization.matplotlib as mpl_vis  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+log = logging.getLogger(__name__)
+COMPLETE = optuna.trial.TrialState.COMPLETE
+STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+# Embedding plotly.js makes each HTML file ~5 MB but lets it open offline, in the MLflow UI too.
+INCLUDE_PLOTLYJS = True
+
+
+def _varying_params(trials) -> set[str]:
+    """Params present in every given trial that take more than one value among them."""
+    common = set.intersection(*(set(t.params) for t in trials)) if trials else set()
+    return {p for p in common if len({repr(t.params[p]) for t in trials}) > 1}
+
+
+def why_not(name: str, study: optuna.Study) -> str | None:
+    """Why the study cannot support plot `name` yet (None: it can)."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == COMPLETE]
+    if name == "intermediate_values":
+        return None if any(t.intermediate_values for t in trials) else "no trial reported intermediate values"
+    if not complete:
+        return "no complete trial"
+    if name == "param_importances":
+        if len(complete) < 2:
+            return f"needs at least 2 complete trials, the study has {len(complete)}"
+        if not _varying_params(complete):
+            return "no parameter varies across the complete trials"
+    if name == "parallel_coordinate" and not any(t.params for t in complete):
+        return "the complete trials have no parameters"
+    return None
+
+
+def study_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
+    """Write `<name>.html` and `<name>.png` for each supported plot; returns {name: why skipped}."""
+    skipped = {}
+    for name in STUDY_PLOTS:
+        reason = why_not(name, study)
+        if reason is None:
+            try:
+                _write_plot(name, study, folder)
+            except (ValueError, RuntimeError) as e:  # Optuna's own refusals, e.g. a degenerate importance fit
+                reason = f"{type(e).__name__}: {e}"
+        if reason is not None:
+            skipped[name] = reason
+            log.warning("report: %s plot skipped (%s)", name, reason)
+    return skipped
+
+
+def _write_plot(name: str, study: optuna.Study, folder: Path) -> None:
+    # Optuna's matplotlib plots switch the global style to ggplot (some of them only rely on
+    # it): give all of them that style and keep it from leaking into later figures.
+    with warnings.catch_warnings(), plt.style.context("ggplot"):
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        getattr(plotly_vis, f"plot_{name}")(study).write_html(folder / f"{name}.html", include_plotlyjs=INCLUDE_PLOTLYJS)
+        fig = np.atleast_1d(getattr(mpl_vis, f"plot_{name}")(study)).flat[0].figure
+        fig.set_size_inches(max(fig.get_figwidth(), 9), max(fig.get_figheight(), 6))
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+
+
+def trials_table(study: optuna.Study, path: Path) -> Path:
+    """One row per trial: number, state, value, params_*, duration (seconds), MLflow run id."""
+    frame = study.trials_dataframe(attrs=("number", "state", "value", "params", "duration", "user_attrs"))
+    if frame.empty:
+        frame = pd.DataFrame(columns=["number", "state", "value", "duration"])
+    table = frame[[c for c in frame.columns if not c.startswith("user_attrs_")]].copy()
+    table["duration"] = pd.to_timedelta(table["duration"]).dt.total_seconds()  # running trials: empty
+    for attr in ("epochs_run", "mlflow_run_id"):
+        if f"user_attrs_{attr}" in frame:
+            table[attr] = frame[f"user_attrs_{attr}"]
+    table.to_csv(path, index=False)
+    return path
+
+
+def log_study_report(study: optuna.Study, client, run_id: str) -> dict[str, str]:
+    """Plots and trials table of `study` onto MLflow run `run_id`; returns the skipped plots."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        skipped = study_plots(study, folder)
+        trials_table(study, folder / "trials.csv")
+        client.log_artifacts(run_id, str(folder))
+    return skipped
+
+
+def confusion_pngs(y_true, y_pred, class_names: list[str], folder: Path) -> list[Path]:
+    """Confusion matrix as counts and row-normalised, labelled with class names."""
+    paths = []
+    for normalize, name in ((None, "confusion_matrix.png"), ("true", "confusion_matrix_normalized.png")):
+        size = max(5, 0.6 * len(class_names) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, labels=range(len(class_names)), display_labels=class_names, normalize=normalize,
+            values_format=".2f" if normalize else "d", ax=ax, colorbar=False, xticks_rotation=45,
+        )
+        ax.set_title("Test confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
+        ax.grid(False)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        plt.close(fig)
+        paths.append(folder / name)
+    return paths
+
+
+def log_test_report(y_true, y_pred, class_names: list[str], report: dict, report_text: str,
+                    params: dict, client, run_id: str) -> None:
+    """Classification report (text, JSON), best params and confusion matrices onto `run_id`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "classification_report.txt").write_text(report_text)
+        (folder / "classification_report.json").write_text(json.dumps(report, indent=2))
+        (folder / "best_params.json").write_text(json.dumps(params, indent=2))
+        confusion_pngs(y_true, y_pred, class_names, folder)
+        client.log_artifacts(run_id, str(folder))

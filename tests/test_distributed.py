@@ -1,0 +1,299 @@
+"""Distributed, resumable, crash-safe studies with real worker processes and real storages:
+three workers share a study on a journal file and on PostgreSQL within the global budget,
+a SIGKILLed worker's trial is failed, retried and its MLflow run closed, Ctrl-C and SIGTERM
+end the running trial as KILLED and the study resumes, a password never reaches MLflow.
+
+PostgreSQL tests use 127.0.0.1:5432 (user postgres) and skip when no server answers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from conftest import ROOT, runs_of
+
+from pipeline.errors import PipelineError
+from pipeline.search import Objective, run_search
+from pipeline.space import load_space
+from pipeline.study import counted_trials, make_storage, open_study
+from pipeline.tracking import FAIL_REASON, PARENT_ATTR, Tracker
+
+TINY_SPACE = """\
+depth: 1
+first_block: {filters: [4, 8, 16], kernel_size: [2, 3], pool_size: 2}
+dense: {units: {low: 8, high: 512}}
+"""
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+SLOW = ["--epochs", "300", "--patience", "300", "--pruner", "none"]  # a trial that runs until killed
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return str(path)
+
+
+@pytest.fixture
+def postgres():
+    """(URL with a password, the password) of a fresh database owned by a fresh role."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"no PostgreSQL server answers at 127.0.0.1:5432 as user postgres ({str(e).strip()})")
+    admin.autocommit = True
+    name, password = f"pipeline_test_{uuid.uuid4().hex[:12]}", f"Pw{uuid.uuid4().hex}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE ROLE {name} LOGIN PASSWORD %s", (password,))
+        cur.execute(f"CREATE DATABASE {name} OWNER {name}")
+    yield f"postgresql://{name}:{password}@127.0.0.1:5432/{name}", password
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cur.execute(f"DROP ROLE IF EXISTS {name}")
+    admin.close()
+
+
+@pytest.fixture(params=["journal", "postgresql"])
+def storage(request, tmp_path):
+    if request.param == "journal":
+        return f"journal:///{tmp_path}/study.journal"
+    return request.getfixturevalue("postgres")[0]
+
+
+class Workers:
+    """`python -m pipeline <command>` processes on one study; all are killed at teardown."""
+
+    def __init__(self, tmp_path, space_file, storage):
+        self.tmp_path, self.storage, self.procs = tmp_path, storage, []
+        self.common = ["--search-space", space_file, "--storage", storage, "--study-name", "dist",
+                       "--experiment-name", "dist", "--heartbeat-interval", "1", "--grace-period", "3"]
+
+    def start(self, *args, command="search") -> subprocess.Popen:
+        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "w+")
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", command, *self.common, *args], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def finish(self, proc, timeout=240) -> tuple[int, str]:
+        code = proc.wait(timeout=timeout)
+        proc.log.seek(0)
+        return code, proc.log.read()
+
+    def run(self, *args, command="search") -> tuple[int, str]:
+        return self.finish(self.start(*args, command=command))
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name="dist", storage=make_storage(self.storage))
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.log.close()
+
+
+@pytest.fixture
+def workers(tmp_path, space_file, tracking_uri, storage):
+    w = Workers(tmp_path, space_file, storage)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def sqlite_workers(tmp_path, space_file, tracking_uri):
+    w = Workers(tmp_path, space_file, f"sqlite:///{tmp_path}/optuna.db")
+    yield w
+    w.close()
+
+
+def trial_runs() -> dict[int, list]:
+    """MLflow trial runs of the study by trial number."""
+    runs = {}
+    for run in runs_of("dist"):
+        if "optuna.trial_number" in run.data.tags:
+            runs.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    return runs
+
+
+def wait_until_training(timeout=120):
+    """Wait until a trial's MLflow run is RUNNING and has logged an epoch; return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = [r for rs in trial_runs().values() for r in rs
+                       if r.info.status == "RUNNING" and "val_accuracy" in r.data.metrics]
+        except Exception:  # the experiment does not exist yet
+            running = []
+        if running:
+            return running[0]
+        time.sleep(0.3)
+    raise AssertionError("no trial started training in time")
+
+
+def test_three_workers_share_one_study_within_the_global_budget(workers, storage, tmp_path):
+    procs = [workers.start("--n-trials", "9", "--epochs", "1") for _ in range(3)]
+    results = [workers.finish(p) for p in procs]
+    assert [code for code, _ in results] == [0, 0, 0], results
+
+    study = workers.study()
+    assert 9 <= counted_trials(study) <= 11, [t.state for t in study.trials]
+    assert len({p for t in study.trials for p in [tuple(sorted(t.params.items()))]}) == len(study.trials), \
+        "workers with one seed must not draw the same configurations"
+    assert len({t.user_attrs["worker_pid"] for t in study.trials}) >= 2, "the workers shared the trials"
+
+    runs = runs_of("dist")
+    parents = [r for r in runs if r.data.tags.get("pipeline.role") == "study"]
+    assert [p.info.run_id for p in parents] == [study.user_attrs[PARENT_ATTR]], "one parent run per study"
+    by_number = trial_runs()
+    assert sorted(by_number) == [t.number for t in study.trials]
+    assert all(len(rs) == 1 for rs in by_number.values()), "exactly one MLflow run per trial number"
+    for (run,) in by_number.values():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+
+    if storage.startswith("postgresql"):  # the password never reaches the tracking store or the output
+        password = storage.split(":")[2].split("@")[0]
+        assert parents[0].data.params["storage"] == storage.replace(password, "***")
+        assert password.encode() not in (tmp_path / "mlflow.db").read_bytes()
+        assert all(password not in out for _, out in results)
+
+
+def test_a_killed_worker_trial_is_failed_retried_and_its_run_closed(workers, storage):
+    doomed = workers.start("--n-trials", "1", *SLOW)
+    victim = wait_until_training()
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    study = workers.study()
+    assert [t.state.name for t in study.trials] == ["RUNNING"]
+    assert victim.info.run_id == study.trials[0].user_attrs["mlflow_run_id"]
+
+    if storage.startswith("journal"):  # no heartbeat: recovered by process id, here on demand
+        code, out = workers.run(command="recover")
+        assert code == 0 and "failed and requeued dead trials [0], closed their MLflow runs [0]" in out, out
+        assert [t.state.name for t in workers.study().trials] == ["FAIL", "WAITING"]
+    else:
+        time.sleep(3)  # past the grace period: the heartbeat is stale
+
+    code, out = workers.run("--n-trials", "1", "--epochs", "1")  # the retried trial completes the study
+    assert code == 0, out
+    study = workers.study()
+    assert study.trials[0].state.name == "FAIL"
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
+    assert retried[0].params == study.trials[0].params
+    assert counted_trials(study) == 1
+
+    runs = trial_runs()
+    assert all(len(rs) == 1 for rs in runs.values()), "exactly one MLflow run per trial number"
+    assert sorted(runs) == [t.number for t in study.trials]
+    dead = runs[0][0]
+    assert dead.info.status == "FAILED" and dead.data.tags["optuna.trial_state"] == "FAIL"
+    assert "worker died" in dead.data.tags[FAIL_REASON]
+    assert runs[retried[0].number][0].info.status == "FINISHED"
+
+
+def test_ctrl_c_and_sigterm_kill_the_running_trial_and_the_study_resumes(sqlite_workers):
+    w = sqlite_workers
+    for number, (sig, code, name) in enumerate([(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")]):
+        proc = w.start("--n-trials", "3", *SLOW)
+        run = wait_until_training()
+        assert run.data.tags["optuna.trial_number"] == str(number)
+        proc.send_signal(sig)
+        exit_code, out = w.finish(proc, timeout=60)
+        assert exit_code == code, out
+        assert f"interrupted by {name}" in out
+        assert "resume: python -m pipeline search --study-name dist --storage sqlite:///" in out
+        trial = w.study().trials[number]
+        assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == f"interrupted by {name}"
+        run = trial_runs()[number][0]
+        assert run.info.status == "KILLED" and run.data.tags[FAIL_REASON] == f"interrupted by {name}"
+        assert run.data.tags["optuna.trial_state"] == "FAIL"
+
+    parent_id = w.study().user_attrs[PARENT_ATTR]
+    exit_code, out = w.run("--n-trials", "2", "--epochs", "1")
+    assert exit_code == 0, out
+    study = w.study()
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.user_attrs[PARENT_ATTR] == parent_id, "resume keeps the parent run"
+    runs = trial_runs()
+    assert sorted(runs) == [0, 1, 2, 3] and all(len(rs) == 1 for rs in runs.values())
+    parents = [r for r in runs_of("dist") if r.data.tags.get("pipeline.role") == "study"]
+    assert [(p.info.run_id, p.info.status) for p in parents] == [(parent_id, "FINISHED")]
+
+
+def test_a_worker_starting_on_a_journal_study_recovers_trials_of_dead_processes(tmp_path, settings, digits,
+                                                                              space_file):
+    s = settings.replace(storage=f"journal:///{tmp_path}/study.journal", search_space=space_file, n_trials=1,
+                         epochs=1)
+    space = load_space(s.search_space)
+    study = open_study(s, space)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = study.ask()
+    space.sample(orphan)
+    orphan.set_user_attr("worker_host", __import__("socket").gethostname())
+    orphan.set_user_attr("worker_pid", gone.pid)
+    alive = study.ask()  # owned by a live process (this one): left alone
+    alive.set_user_attr("worker_host", __import__("socket").gethostname())
+    alive.set_user_attr("worker_pid", os.getppid())
+
+    run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "RUNNING", "COMPLETE"]
+    assert study.trials[2].system_attrs["failed_trial"] == 0 and study.trials[2].params == study.trials[0].params
+
+
+def test_one_worker_is_reproducible_and_trial_numbers_get_different_draws(tmp_path, settings, space_file):
+    s = settings.replace(search_space=space_file)
+    space = load_space(space_file)
+    draws = []
+    for name in ("a", "b"):
+        study = open_study(s.replace(study_name=name), space)
+        draws.append([space.sample(study.ask()) for _ in range(6)])
+    assert draws[0] == draws[1], "same seed, same trial numbers: same configurations"
+    assert len({tuple(sorted(p.items())) for p in draws[0]}) == 6, "different trial numbers: different draws"
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (dict(dataset="cifar10"), "was made with dataset='digits', not 'cifar10'"),
+        (dict(direction="minimize"), "was made with direction='maximize', not 'minimize'"),
+        (dict(metric="val_loss"), "was made with metric='val_accuracy', not 'val_loss'"),
+        (dict(search_space="other"), "was made with search_space="),
+    ],
+)
+def test_reusing_a_study_with_another_identity_is_a_one_line_error(tmp_path, settings, space_file, change, fragment):
+    settings = settings.replace(search_space=space_file)
+    space = load_space(space_file)
+    study = open_study(settings, space)
+    study.ask()
+    if "search_space" in change:
+        other = tmp_path / "other.yaml"
+        other.write_text(TINY_SPACE.replace("[4, 8, 16]", "[4, 8]"))
+        change = dict(search_space=str(other))
+    changed = settings.replace(**change)
+    with pytest.raises(PipelineError) as error:
+        open_study(changed, load_space(changed.search_space))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    assert len(open_study(settings, space).trials) == 1, "the study is left as it was"
+
+
+def test_storage_urls_read_variables_from_the_environment_and_hide_passwords(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_TEST_DIR", str(tmp_path))
+    make_storage("sqlite:///${PIPELINE_TEST_DIR}/from-env.db")
+    assert (tmp_path / "from-env.db").is_file()
+    with pytest.raises(PipelineError) as error:
+        make_storage("postgresql://someone:hunter2secret@127.0.0.1:1/none")
+    assert "someone:***@" in str(error.value) and "hunter2secret" not in str(error.value)
