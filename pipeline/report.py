@@ -77,13 +77,22 @@ def study_plots(study: optuna.Study, folder: Path) -> dict[str, str]:
     return skipped
 
 
+def _target(name: str, study: optuna.Study) -> dict:
+    """A multi-objective study's plots show its first objective, the search metric."""
+    if len(study.directions) == 1 or name == "intermediate_values":
+        return {}
+    return {"target": lambda t: t.values[0], "target_name": study.user_attrs.get("metric", "objective 0")}
+
+
 def _write_plot(name: str, study: optuna.Study, folder: Path) -> None:
     # Optuna's matplotlib plots switch the global style to ggplot (some of them only rely on
     # it): give all of them that style and keep it from leaking into later figures.
+    target = _target(name, study)
     with warnings.catch_warnings(), plt.style.context("ggplot"):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        getattr(plotly_vis, f"plot_{name}")(study).write_html(folder / f"{name}.html", include_plotlyjs=INCLUDE_PLOTLYJS)
-        fig = np.atleast_1d(getattr(mpl_vis, f"plot_{name}")(study)).flat[0].figure
+        getattr(plotly_vis, f"plot_{name}")(study, **target).write_html(folder / f"{name}.html",
+                                                                      include_plotlyjs=INCLUDE_PLOTLYJS)
+        fig = np.atleast_1d(getattr(mpl_vis, f"plot_{name}")(study, **target)).flat[0].figure
         fig.set_size_inches(max(fig.get_figwidth(), 9), max(fig.get_figheight(), 6))
         fig.tight_layout()
         fig.savefig(folder / f"{name}.png", dpi=100)

@@ -20,11 +20,20 @@ import mlflow
 import optuna
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
+from pipeline.pareto import select_trial
 from pipeline.study import counted_trials
 from pipeline.tracking import mask
 
 
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+def _best(study: optuna.Study, settings) -> optuna.trial.FrozenTrial | None:
+    """The best trial; in a multi-objective study the Pareto trial that `select` picks.
+    None while there is none (or no Pareto trial meets the `select` rule)."""
+    if settings.multi_objective:
+        try:
+            return select_trial(study, settings)
+        except PipelineError:
+            return None
     try:
         return study.best_trial
     except ValueError:
@@ -35,15 +44,15 @@ class ProgressBar:
     """Optuna callback that moves a tqdm bar to the study's counted trials and shows the best."""
 
     def __init__(self, study: optuna.Study, settings):
-        self.metric, self.budget = settings.metric, settings.n_trials
+        self.settings, self.metric, self.budget = settings, settings.metric, settings.n_trials
         done, best = self._state(study)
         self.bar = tqdm(total=self.budget, initial=done, postfix=best, desc=f"study {study.study_name}",
                         unit="trial", dynamic_ncols=True)
 
     def _state(self, study: optuna.Study) -> tuple[int, str]:
-        best = _best(study)
+        best = _best(study, self.settings)
         return (min(counted_trials(study), self.budget),
-                "" if best is None else f"best {self.metric}={best.value:.4f} (trial {best.number})")
+                "" if best is None else f"best {self.metric}={best.values[0]:.4f} (trial {best.number})")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.bar.n, best = self._state(study)
@@ -75,11 +84,12 @@ def summary(study: optuna.Study, settings, parent_run_id: str, metrics: dict | N
     states = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False))
     by_state = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
     lines = [f"study {study.study_name!r}: {sum(states.values())} trials ({by_state}), budget {settings.n_trials}"]
-    best = _best(study)
+    best = _best(study, settings)
+    label = f"Pareto trial picked by select={settings.select or 'most accurate'}" if settings.multi_objective else "best trial"
     if best is None:
-        lines.append("best trial: none complete yet")
+        lines.append(f"{label}: none complete yet")
     else:
-        lines.append(f"best trial: #{best.number} {settings.metric}={best.value:.4f}")
+        lines.append(f"{label}: #{best.number} {settings.metric}={best.values[0]:.4f}")
         params = best.user_attrs.get("params", best.params)
         lines.extend(f"  {k} = {v}" for k, v in params.items())
     for k, v in (metrics or {}).items():

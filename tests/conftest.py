@@ -29,6 +29,10 @@ def tracking_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; recording the variable
+    # first makes the teardown remove it, so no later subprocess (`mlflow run`) inherits it.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():

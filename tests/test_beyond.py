@@ -80,7 +80,9 @@ def test_multi_objective_search_logs_the_pareto_front_and_refits_by_the_select_r
     parent = study.user_attrs[PARENT_ATTR]
     client = MlflowClient()
     assert client.get_run(parent).data.tags["pruning"].startswith("off")
-    assert {"pareto_front.html", "pareto_front.png", "pareto_front.csv"} <= {a.path for a in client.list_artifacts(parent)}
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"pareto_front.html", "pareto_front.png", "pareto_front.csv"} <= artifacts
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= artifacts, "study plots show the metric"
     rows = list(csv.DictReader(io.StringIO(open(client.download_artifacts(parent, "pareto_front.csv")).read())))
     pareto = front(study)
     assert [int(r["trial"]) for r in rows] == [t.number for t in pareto]
@@ -94,6 +96,7 @@ def test_multi_objective_search_logs_the_pareto_front_and_refits_by_the_select_r
         select_trial(study, s.replace(select=f"max_params={smallest.values[1] - 1:.0f}"))
 
     metrics = run("refit", rule, data=digits)
+    assert f"Pareto trial picked by select={rule.select}: #{smallest.number}" in capsys.readouterr().out
     tags = client.get_run(parent).data.tags
     assert tags["best_trial_number"] == str(smallest.number) and tags["select"] == rule.select
     assert metrics["best_val_accuracy"] == pytest.approx(smallest.values[0])
