@@ -58,11 +58,14 @@ def run(command: str, settings: Settings, data=None) -> dict:
     Bad settings, space files and data fail here, before any study or run is touched.
     """
     from pipeline.data import load_dataset
+    from pipeline.device import configure, set_threads
     from pipeline.space import load_space
 
     space = load_space(settings.search_space)
+    set_threads(settings.threads)  # before TensorFlow runs anything (resizing images does)
     if data is None:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
+    device = configure(settings)  # precision; names the device for the MLflow tags
 
     from pipeline.refit import refit_and_test
     from pipeline.search import Objective, run_search
@@ -70,7 +73,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.tracking import Tracker
 
     study = open_study(settings, space, create=command != "refit")
-    tracker = Tracker(study, settings)
+    tracker = Tracker(study, settings, device=device)
     status = "FAILED"
     try:
         if command in ("main", "search"):

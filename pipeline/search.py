@@ -7,6 +7,7 @@ and returns the mean validation score. The test split is never touched here.
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -29,13 +30,18 @@ class FoldPruning(KerasPruningCallback):
 
 
 class Objective:
-    def __init__(self, data, space, settings, tracker):
+    """`callbacks`: extra Keras callbacks for every fit (a timer, say), after the pipeline's own."""
+
+    def __init__(self, data, space, settings, tracker, callbacks=()):
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
+        self.extra_callbacks = list(callbacks)
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
 
     def __call__(self, trial: optuna.Trial) -> float:
         s = self.settings
         params = self.space.sample(trial)
+        if s.batch_size:  # the opt-in override (a GPU wants larger batches) is what trains
+            params["batch_size"] = s.batch_size
         trial.set_user_attr("params", params)
         with self.tracker.trial_run(trial, params) as run_id:
             folds = []
@@ -44,6 +50,7 @@ class Objective:
                 callbacks = [self.tracker.epoch_logger(run_id, offset)]
                 if s.pruner != "none":
                     callbacks.append(FoldPruning(trial, s.metric, offset))
+                callbacks += self.extra_callbacks
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,
                           monitor=s.metric, direction=s.direction, patience=s.patience,
@@ -60,7 +67,7 @@ class Objective:
             }
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
-                self.tracker.client.log_metric(run_id, key, v)
+            self.tracker.log_metrics(run_id, summary)
         return value
 
 
@@ -70,10 +77,17 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     if remaining <= 0:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
-    study.optimize(
-        objective,
-        n_trials=remaining,
-        timeout=settings.timeout or None,
-        callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED)],
-        gc_after_trial=True,
-    )
+    # Objects alive now (modules, data, stores) live for the whole search: freezing them
+    # keeps the garbage collection after each trial from rescanning them (~0.3 s a trial).
+    gc.collect()
+    gc.freeze()
+    try:
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=settings.timeout or None,
+            callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED)],
+            gc_after_trial=True,
+        )
+    finally:
+        gc.unfreeze()

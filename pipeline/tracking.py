@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import mlflow
@@ -39,11 +40,15 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run."""
+    """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run.
 
-    def __init__(self, client: MlflowClient, run_id: str, step_offset: int = 0):
+    With an `executor` the store writes run in its thread, so training never waits for a
+    store round trip; `wait()` returns once every epoch logged so far is written."""
+
+    def __init__(self, client: MlflowClient, run_id: str, step_offset: int = 0, executor=None):
         super().__init__()
-        self.client, self.run_id, self.offset = client, run_id, step_offset
+        self.client, self.run_id, self.offset, self.executor = client, run_id, step_offset, executor
+        self.pending = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -52,22 +57,30 @@ class EpochLogger(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._start
         metrics = {**prefixed(logs or {}), "epoch_seconds": seconds}
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, now, self.offset + epoch) for k, v in metrics.items()]
-        )
+        batch = [mlflow.entities.Metric(k, v, now, self.offset + epoch) for k, v in metrics.items()]
+        if self.executor is None:
+            self.client.log_batch(self.run_id, metrics=batch)
+        else:
+            self.pending.append(self.executor.submit(self.client.log_batch, self.run_id, metrics=batch))
+
+    def wait(self):
+        while self.pending:
+            self.pending.pop(0).result()
 
 
 class Tracker:
     """Finds or makes the study's parent run and makes the trial runs under it."""
 
-    def __init__(self, study: optuna.Study, settings):
+    def __init__(self, study: optuna.Study, settings, device: str = ""):
         self.client = MlflowClient()
+        self.device = device  # which device trains, tagged on the parent, worker and trial runs
         self.study = study
         self.settings = settings
         project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # set by `mlflow run`
         stored = study.user_attrs.get(PARENT_ATTR)
         self.worker_run_id = None
+        self._loggers: dict[str, list[EpochLogger]] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-log")
         if stored and _run_exists(self.client, stored):
             self.parent_run_id = stored
             if project_run and project_run != stored:
@@ -95,6 +108,9 @@ class Tracker:
         }
         for k, v in tags.items():
             self.client.set_tag(self.parent_run_id, k, v)
+        for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
+            if self.device:
+                self.client.set_tag(run_id, "device", self.device)
         run = self.client.get_run(self.parent_run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -117,6 +133,7 @@ class Tracker:
             "optuna.study_name": self.study.study_name,
             "optuna.trial_number": str(trial.number),
             "optuna.trial_state": "RUNNING",
+            **({"device": self.device} if self.device else {}),
         }
         run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags).info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -136,14 +153,24 @@ class Tracker:
             self.end_trial(run_id, "COMPLETE", "FINISHED")
 
     def end_trial(self, run_id: str, state: str, status: str):
+        for logger in self._loggers.pop(run_id, []):
+            logger.wait()  # every epoch's metrics are in the store before the run ends
         self.client.set_tag(run_id, "optuna.trial_state", state)
         self.client.set_terminated(run_id, status=status)
 
     def epoch_logger(self, run_id: str, step_offset: int = 0) -> EpochLogger:
-        return EpochLogger(self.client, run_id, step_offset)
+        logger = EpochLogger(self.client, run_id, step_offset, self._writer)
+        self._loggers.setdefault(run_id, []).append(logger)
+        return logger
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0):
+        """Several metrics in one store round trip."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def finish(self, status: str = "FINISHED"):
         """End this process's runs (the parent stays resumable: it is reopened on resume)."""
+        self._writer.shutdown(wait=True)
         for run_id in filter(None, (self.worker_run_id, self.parent_run_id)):
             if RunStatus.is_terminated(RunStatus.from_string(status)):
                 self.client.set_terminated(run_id, status=status)
