@@ -63,6 +63,8 @@ def test_mixed_float16_model_keeps_a_float32_softmax_and_trains(digits):
         assert model.outputs[0].dtype == "float32"
         assert any(layer.compute_dtype == "float16" for layer in model.layers)
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)  # compile adds loss scaling
+        history = model.fit(digits.x_train[:256], digits.y_train[:256], epochs=1, batch_size=64, verbose=0).history
+        assert math.isfinite(history["loss"][0])
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
