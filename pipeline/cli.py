@@ -68,10 +68,12 @@ def run(command: str, settings: Settings, data=None) -> dict:
     is touched.
     """
     from pipeline.data import load_dataset
+    from pipeline.device import configure, set_threads
     from pipeline.space import load_space
     from pipeline.warm_start import enqueue, load_configurations
 
     space = load_space(settings.search_space)
+    set_threads(settings.threads)  # before TensorFlow runs anything (resizing images does)
     if command == "recover":
         return _recover(settings, space)
     warm = {}
@@ -81,6 +83,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
         raise PipelineError(f"only={settings.only!r}: names configurations of warm_start, which is not set")
     if data is None:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
+    device = configure(settings)  # precision; names the device for the MLflow tags
 
     if command == "space":
         from pipeline.dry_run import dry_run
@@ -108,7 +111,8 @@ def run(command: str, settings: Settings, data=None) -> dict:
         new = enqueue(study, warm)
         print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
     # a worker that lost the race to create the study waits for the winner's parent run
-    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit")
+    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit",
+                      device=device)
     status = "FAILED"
     try:
         if command in SEARCHES:
