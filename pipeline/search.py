@@ -107,10 +107,9 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
     until = deadline(study, settings.timeout)
-    seconds = None if until is None else until - time.time() - DEADLINE_MARGIN
-    if seconds is not None:
+    if until is not None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
-        if seconds <= 0:
+        if until - time.time() <= DEADLINE_MARGIN:
             print(f"study {study.study_name!r} passed its deadline {stamp}; no trial started (timeout=0 lifts it)")
             return
         print(f"study {study.study_name!r}: no trial starts after {stamp}")
@@ -120,6 +119,8 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     gc.freeze()
     try:
         with progress_bar(study, settings) as bar:
+            # Optuna's timeout counts from here: the seconds left to the deadline, read last
+            seconds = None if until is None else max(0.0, until - time.time() - DEADLINE_MARGIN)
             study.optimize(
                 objective,
                 n_trials=remaining,
