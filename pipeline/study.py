@@ -31,6 +31,8 @@ from pipeline.tracking import mask
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)
 GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead
 MAX_RETRY = 2  # times a trial of a dead worker is retried
+TPE_STARTUP = 5  # random trials before TPE models the study (Optuna's default, 10, is most of a CNN budget)
+PRUNE_AFTER = 2  # epochs every trial trains before the median pruner may stop it (slow starters survive)
 DRIVERS = {"postgresql://": "postgresql+psycopg2://", "mysql://": "mysql+pymysql://"}  # the pinned ones
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 DEADLINE_ATTR = "deadline"  # study user attr: epoch seconds after which no trial starts
@@ -70,7 +72,7 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
 
 def make_pruner(name: str, epochs: int, folds: int):
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_AFTER)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs * folds)
     return optuna.pruners.NopPruner()
@@ -93,10 +95,10 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._tpe = optuna.samplers.TPESampler(seed=seed)
+        self._tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP)
 
     def before_trial(self, study, trial):
-        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number)
+        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number, n_startup_trials=TPE_STARTUP)
         self._tpe.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):

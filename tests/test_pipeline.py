@@ -14,7 +14,7 @@ from pipeline.cli import run
 from pipeline.refit import refit_and_test
 from pipeline.search import Objective, run_search
 from pipeline.space import load_space
-from pipeline.study import open_study
+from pipeline.study import PRUNE_AFTER, open_study
 from pipeline.tracking import PARENT_ATTR, Tracker
 
 
@@ -87,7 +87,7 @@ def write_space(tmp_path, learning_rates):
 @pytest.mark.parametrize("cv_folds", [1, 2])
 def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
     """Three good trials, then one that cannot learn (learning rate 1e-9): the median
-    pruner stops it after its second epoch, Optuna says PRUNED and so does MLflow."""
+    pruner stops it after its third epoch, Optuna says PRUNED and so does MLflow."""
     s = settings.replace(search_space=write_space(tmp_path, "[0.003, 0.000000001]"), epochs=3,
                          n_trials=4, cv_folds=cv_folds, pruner="median")
     space = load_space(s.search_space)
@@ -99,7 +99,7 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     pruned = study.trials[3]
-    assert max(pruned.intermediate_values) == 1, "pruned after the second epoch of the first fold"
+    assert max(pruned.intermediate_values) == PRUNE_AFTER, "pruned after the third epoch of the first fold"
     child = MlflowClient().get_run(pruned.user_attrs["mlflow_run_id"])
     assert child.data.tags["optuna.trial_state"] == "PRUNED"
     assert child.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
