@@ -62,7 +62,7 @@ def run_baselines(settings, data) -> list[dict]:
     for k, v in {"epochs": settings.epochs, "seed": settings.seed, "val_fraction": settings.val_fraction,
                  "patience": settings.patience}.items():
         client.log_param(parent, k, v)
-    print(f"baselines: {', '.join(configs)} on {data.name}, {len(split.y_train)} train / {len(split.y_val)} "
+    print(f"baselines: {', '.join(configs)} on {data.name}, {len(split.train_rows)} train / {len(split.val_rows)} "
           f"validation images, up to {settings.epochs} epoch(s) each")
     x_test, y_test = data.test.open()
     rows, status = [], "FAILED"

@@ -68,10 +68,12 @@ def run(command: str, settings: Settings, data=None) -> dict:
     is touched.
     """
     from pipeline.data import load_dataset
+    from pipeline.device import configure, set_threads
     from pipeline.space import load_space
     from pipeline.warm_start import enqueue, load_configurations
 
     space = load_space(settings.search_space)
+    set_threads(settings.threads)  # before TensorFlow runs anything (resizing images does)
     if command == "recover":
         return _recover(settings, space)
     warm = {}
@@ -81,6 +83,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
         raise PipelineError(f"only={settings.only!r}: names configurations of warm_start, which is not set")
     if data is None:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
+    device = configure(settings)  # precision; names the device for the MLflow tags
 
     if command == "space":
         from pipeline.dry_run import dry_run
@@ -108,7 +111,8 @@ def run(command: str, settings: Settings, data=None) -> dict:
         new = enqueue(study, warm)
         print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
     # a worker that lost the race to create the study waits for the winner's parent run
-    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit")
+    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit",
+                      device=device)
     status = "FAILED"
     try:
         if command in SEARCHES:
@@ -128,6 +132,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
 
 
 def _recover(settings: Settings, space) -> dict:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pipeline.recover import recover
@@ -136,8 +141,11 @@ def _recover(settings: Settings, space) -> dict:
 
     study = open_study(settings, space, create=False)
     client = MlflowClient()
-    parent = study.user_attrs.get(PARENT_ATTR)
-    failed, closed = recover(study, client, client.get_run(parent).info.experiment_id if parent else None)
+    try:  # the parent run names the experiment of the trial runs
+        experiment_id = client.get_run(study.user_attrs[PARENT_ATTR]).info.experiment_id
+    except (KeyError, MlflowException):
+        experiment_id = None  # no parent in this tracking store: only the study is recovered
+    failed, closed = recover(study, client, experiment_id)
     if not (failed or closed):
         print(f"recover: study {study.study_name!r}: no dead trials")
     return {}

@@ -52,6 +52,10 @@ class Settings:
     # issue 7: published models as baselines
     baselines: str = _param("search_spaces/baselines.yaml", "configurations file of the `baselines` command")
     only: str = _param("", "comma list of configuration names to use from warm_start / baselines (default: all)")
+    # issue 5: speed (threads, devices, batch size)
+    threads: int = _param(0, "TensorFlow intra-op threads of this worker (0 = one per core)")
+    batch_size: int = _param(0, "batch size for every trial and the refit, overriding the space's (0 = the space's)")
+    mixed_precision: int = _param(0, "1 = train in mixed float16 precision (GPU only)")
 
     def __post_init__(self):
         checks = [
@@ -61,6 +65,9 @@ class Settings:
             (self.timeout >= 0, "timeout", "must be >= 0 (0 = no limit)"),
             (self.image_size >= 0, "image_size", "must be >= 0 (0 = native size)"),
             (self.patience >= 1, "patience", "must be >= 1"),
+            (self.threads >= 0, "threads", "must be >= 0 (0 = one per core)"),
+            (self.batch_size >= 0, "batch_size", "must be >= 0 (0 = the search space's)"),
+            (self.mixed_precision in (0, 1), "mixed_precision", "must be 0 or 1"),
             (0.0 < self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1"),
             (self.pruner in PRUNERS, "pruner", f"must be one of {', '.join(PRUNERS)}"),
             (self.direction in ("maximize", "minimize"), "direction", "must be maximize or minimize"),

@@ -3,7 +3,8 @@
 Knows nothing about Optuna. The model takes raw uint8 pixels and scales them itself, so a
 saved model predicts from raw image arrays. Convs and pools use "same" padding, so every
 configuration builds for any input size (8x8 digits included): a pool never shrinks a
-side below 1.
+side below 1. Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute
+in float16, the output layer stays float32, and `compile` adds loss scaling itself.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def build_model(params: dict, input_shape: tuple, n_classes: int) -> keras.Model
         x = layers.Dense(params["dense_units"], activation="relu", kernel_constraint=constraint)(x)
         if params.get("dense_dropout", 0.0) > 0:
             x = layers.Dropout(params["dense_dropout"])(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
+    # float32 even under the mixed_float16 policy: a float16 softmax loses small probabilities
+    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
     model.compile(
         optimizer=make_optimizer(params.get("optimizer", "adam"), params.get("learning_rate", 0.001)),

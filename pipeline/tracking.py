@@ -19,6 +19,7 @@ import fcntl
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import mlflow
@@ -92,11 +93,15 @@ def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: st
 
 class EpochLogger(keras.callbacks.Callback):
     """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run,
-    and the model's `params_count` when training starts (so pruned trials have it too)."""
+    and the model's `params_count` when training starts (so pruned trials have it too).
 
-    def __init__(self, client: MlflowClient, run_id: str, step_offset: int = 0):
+    With an `executor` the store writes run in its thread, so training never waits for a
+    store round trip; `wait()` returns once every epoch logged so far is written."""
+
+    def __init__(self, client: MlflowClient, run_id: str, step_offset: int = 0, executor=None):
         super().__init__()
-        self.client, self.run_id, self.offset = client, run_id, step_offset
+        self.client, self.run_id, self.offset, self.executor = client, run_id, step_offset, executor
+        self.pending = []
 
     def on_train_begin(self, logs=None):
         self.client.log_metric(self.run_id, "params_count", self.model.count_params(), step=self.offset)
@@ -108,10 +113,15 @@ class EpochLogger(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._start
         metrics = {**prefixed(logs or {}), "epoch_seconds": seconds}
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[mlflow.entities.Metric(k, v, now, self.offset + epoch) for k, v in metrics.items()]
-        )
+        batch = [mlflow.entities.Metric(k, v, now, self.offset + epoch) for k, v in metrics.items()]
+        if self.executor is None:
+            self.client.log_batch(self.run_id, metrics=batch)
+        else:
+            self.pending.append(self.executor.submit(self.client.log_batch, self.run_id, metrics=batch))
+
+    def wait(self):
+        while self.pending:
+            self.pending.pop(0).result()
 
 
 def project_run_id() -> str | None:
@@ -131,15 +141,19 @@ def new_parent_run(client: MlflowClient, experiment_name: str, run_name: str, pr
 class Tracker:
     """Finds or makes the study's parent run and makes the trial runs under it."""
 
-    def __init__(self, study: optuna.Study, settings, *, wait_for_parent: bool = False):
+    def __init__(self, study: optuna.Study, settings, *, wait_for_parent: bool = False, device: str = ""):
         """`wait_for_parent`: another worker has just created the study (see
-        `pipeline.study.join_study`) and is about to store its parent run id: wait for it."""
+        `pipeline.study.join_study`) and is about to store its parent run id: wait for it.
+        `device`: which device trains, tagged on the parent, worker and trial runs."""
         self.client = _client()
+        self.device = device
         self.study = study
         self.settings = settings
         project_run = project_run_id()
         stored = study.user_attrs.get(PARENT_ATTR) or (_wait_for_parent(study) if wait_for_parent else None)
         self.worker_run_id = None
+        self._loggers: dict[str, list[EpochLogger]] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-log")
         if stored and _run_exists(self.client, stored):
             self.parent_run_id = stored
             if project_run and project_run != stored:
@@ -166,6 +180,9 @@ class Tracker:
             tags["pruning"] = "off: Optuna does not prune multi-objective studies"
         for k, v in tags.items():
             self.client.set_tag(self.parent_run_id, k, v)
+        for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
+            if self.device:
+                self.client.set_tag(run_id, "device", self.device)
         run = self.client.get_run(self.parent_run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -189,6 +206,7 @@ class Tracker:
             "optuna.study_name": self.study.study_name,
             "optuna.trial_number": str(trial.number),
             "optuna.trial_state": "RUNNING",
+            **({"device": self.device} if self.device else {}),
         }
         if "warm_start" in trial.user_attrs:
             tags["warm_start"] = trial.user_attrs["warm_start"]
@@ -198,28 +216,41 @@ class Tracker:
         try:
             yield run_id
         except optuna.TrialPruned:
-            end_run(self.client, run_id, "PRUNED", "FINISHED")
+            self.end_trial(run_id, "PRUNED", "FINISHED")
             raise
         except Exception as e:
-            end_run(self.client, run_id, "FAIL", "FAILED", f"{type(e).__name__}: {e}")
+            self.end_trial(run_id, "FAIL", "FAILED", f"{type(e).__name__}: {e}")
             raise
         except BaseException as e:  # Ctrl-C, or SIGTERM (pipeline.cli makes it a KeyboardInterrupt)
             reason = f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt) else type(e).__name__
             trial.set_user_attr("fail_reason", reason)
-            end_run(self.client, run_id, "FAIL", "KILLED", reason)
+            self.end_trial(run_id, "FAIL", "KILLED", reason)
             raise
         else:
-            end_run(self.client, run_id, "COMPLETE", "FINISHED")
+            self.end_trial(run_id, "COMPLETE", "FINISHED")
 
     def close_dead_runs(self) -> list[int]:
         return close_dead_runs(self.client, self.study, self.experiment_id)
 
+    def end_trial(self, run_id: str, state: str, status: str, reason: str | None = None):
+        for logger in self._loggers.pop(run_id, []):
+            logger.wait()  # every epoch's metrics are in the store before the run ends
+        end_run(self.client, run_id, state, status, reason)
+
     def epoch_logger(self, run_id: str, step_offset: int = 0) -> EpochLogger:
-        return EpochLogger(self.client, run_id, step_offset)
+        logger = EpochLogger(self.client, run_id, step_offset, self._writer)
+        self._loggers.setdefault(run_id, []).append(logger)
+        return logger
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0):
+        """Several metrics in one store round trip."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def finish(self, status: str = "FINISHED"):
         """End this process's worker run, and the parent unless other workers still run
         trials (the last one out ends it; it is reopened on resume)."""
+        self._writer.shutdown(wait=True)
         if not RunStatus.is_terminated(RunStatus.from_string(status)):
             return
         if self.worker_run_id:

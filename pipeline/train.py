@@ -1,5 +1,10 @@
 """`train(params, ...) -> metrics`: fit one model on one split. No Optuna, no MLflow here.
 
+Data path: the uint8 train images are converted to tensors once per process (`Images`);
+every split and CV fold is only a pair of row-index arrays into them, and each fit reads
+them through a `tf.data` pipeline that shuffles indices (not images), gathers a batch of
+uint8 rows, and prefetches; the model scales pixels itself. Nothing is copied per trial.
+
 Callers pass callbacks (pruning, logging) in; early stopping on the monitored validation
 metric is added here and the best epoch's weights are kept. The metrics returned are those
 of the best epoch, prefixed `train_` / `val_`, plus `epochs_needed` (best epoch, 1-based)
@@ -17,23 +22,55 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from pipeline.model import build_model
 
 
+class Images:
+    """Labelled uint8 images held once as CPU tensors; `batches` reads rows by index."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        import tensorflow as tf
+
+        with tf.device("/CPU:0"):  # the pool stays in host memory; batches go to the device
+            self.x = tf.convert_to_tensor(np.asarray(x, np.uint8))
+            self.y = tf.convert_to_tensor(np.asarray(y, np.int32))
+
+    def __len__(self):
+        return int(self.y.shape[0])
+
+    def batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0):
+        """A tf.data pipeline of (uint8 images, labels) batches of `rows`, reshuffled each epoch."""
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))
+        if shuffle:
+            ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+        x, y = self.x, self.y
+        ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+
 @dataclass(frozen=True)
 class Split:
-    """Train and validation arrays of one fold (uint8 images, int labels)."""
+    """One fold: train and validation row indices into one shared `Images` pool."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
+    images: Images
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+
+    def train_batches(self, batch_size: int, seed: int = 0):
+        return self.images.batches(self.train_rows, batch_size, shuffle=True, seed=seed)
+
+    def val_batches(self, batch_size: int):
+        return self.images.batches(self.val_rows, batch_size)
 
 
 def validation_splits(x, y, cv_folds: int, val_fraction: float, seed: int) -> list[Split]:
-    """Stratified, seeded splits of the train split: one hold-out split, or k CV folds."""
+    """Stratified, seeded splits of the train split: one hold-out split, or k CV folds,
+    all sharing one conversion of `x` to tensors."""
     if cv_folds == 1:
         splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     else:
         splitter = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
-    return [Split(x[tr], y[tr], x[va], y[va]) for tr, va in splitter.split(np.zeros(len(y)), y)]
+    images = Images(x, y)
+    return [Split(images, tr, va) for tr, va in splitter.split(np.zeros(len(y)), y)]
 
 
 class KeepModel(keras.callbacks.Callback):
@@ -64,13 +101,13 @@ def train(
     model = build_model(params, input_shape, n_classes)
     mode = "max" if direction == "maximize" else "min"
     early = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
+    batch_size = params.get("batch_size", 32)
     history = model.fit(
-        split.x_train,
-        split.y_train,
-        validation_data=(split.x_val, split.y_val),
+        split.train_batches(batch_size, seed),
+        validation_data=split.val_batches(batch_size),
         epochs=epochs,
-        batch_size=params.get("batch_size", 32),
         callbacks=[*(callbacks or []), early],
+        shuffle=False,  # the train batches reshuffle themselves
         verbose=0,
     ).history
     scores = history[monitor]
@@ -84,5 +121,7 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
     """Refit on the whole train split for a fixed number of epochs; returns the model."""
     keras.utils.set_random_seed(seed)
     model = build_model(params, input_shape, n_classes)
-    model.fit(x, y, epochs=epochs, batch_size=params.get("batch_size", 32), callbacks=callbacks or [], verbose=0)
+    images = Images(x, y)
+    batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
+    model.fit(batches, epochs=epochs, callbacks=callbacks or [], shuffle=False, verbose=0)
     return model

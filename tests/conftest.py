@@ -38,6 +38,7 @@ def tracking_uri(tmp_path, monkeypatch):
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it to subprocesses
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pipeline.cli import run
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.space import load_space
-from pipeline.train import Split, train
+from pipeline.train import Images, Split, train
 from pipeline.warm_start import load_configurations, read_file
 
 BASELINES = ROOT / "search_spaces" / "baselines.yaml"
@@ -64,7 +64,7 @@ def test_each_baseline_trains_one_epoch_on_tiny_data(name):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8)
     y = np.arange(48) % 4
-    split = Split(x[:32], y[:32], x[32:], y[32:])
+    split = Split(Images(x, y), np.arange(32), np.arange(32, 48))
     metrics = train(CONFIGS[name], split, (8, 8, 3), 4, epochs=1)
     assert metrics["epochs_run"] == 1 and np.isfinite(metrics["train_loss"])
     assert 0 <= metrics["val_accuracy"] <= 1 and metrics["params_count"] > 0

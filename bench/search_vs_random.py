@@ -1,0 +1,116 @@
+"""Search efficiency: the pipeline (TPE sampler + median pruning) against the tutorial's
+method (random sampling, no pruning) on the same space and epoch cap, each given the same
+wall-clock budget and followed by the same refit and test scoring.
+
+    python bench/search_vs_random.py --dataset ../shared/data/cifar10-sample --budget-minutes 20
+    python bench/search_vs_random.py --dataset digits --budget-minutes 1 --epochs 5   # a quick look
+
+Both sides run the pipeline's own modules (open_study, Tracker, Objective, run_search,
+refit_and_test) in temp stores; the random side only swaps the study's sampler for
+Optuna's RandomSampler and uses pruner=none. Data are loaded once and shared. The budget
+is Optuna's `timeout`: no trial starts after it, the running one finishes.
+
+Prints, for both: best validation accuracy, test accuracy, trials completed / pruned,
+epochs spent, search and refit seconds, and how long the pipeline took to first match
+random search's best validation accuracy. Last line: `name=value` pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import ROOT, result_line, temp_stores
+
+import optuna  # noqa: E402
+
+
+def epochs_spent(trial: optuna.trial.FrozenTrial) -> int:
+    """Epochs a trial trained: its own count, or the steps it reported before pruning."""
+    return int(trial.user_attrs.get("epochs_run", len(trial.intermediate_values)))
+
+
+def run_side(name, data, space, settings, sampler=None) -> dict:
+    from pipeline.refit import refit_and_test
+    from pipeline.search import Objective, run_search
+    from pipeline.study import open_study
+    from pipeline.tracking import Tracker
+
+    study = open_study(settings, space)
+    if sampler is not None:
+        study.sampler = sampler
+    tracker = Tracker(study, settings)
+    start = time.perf_counter()
+    run_search(study, Objective(data, space, settings, tracker), settings)
+    search_s = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = refit_and_test(study, data, settings, tracker)
+    refit_s = time.perf_counter() - start
+    tracker.finish()
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    return {
+        "best_val_accuracy": study.best_value,
+        "test_accuracy": metrics["test_accuracy"],
+        "complete": states.count(optuna.trial.TrialState.COMPLETE),
+        "pruned": states.count(optuna.trial.TrialState.PRUNED),
+        "epochs": sum(epochs_spent(t) for t in trials),
+        "search_s": search_s,
+        "refit_s": refit_s,
+        "trials": trials,
+    }
+
+
+def time_to_reach(trials, target: float) -> float:
+    """Seconds from the first trial's start until a complete trial first scored >= target."""
+    start = min(t.datetime_start for t in trials)
+    done = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.datetime_complete)
+    for t in done:
+        if t.value >= target:
+            return (t.datetime_complete - start).total_seconds()
+    return float("nan")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--budget-minutes", type=float, required=True, help="search budget of each side")
+    ap.add_argument("--search-space", default=str(ROOT / "search_spaces" / "seed.yaml"))
+    ap.add_argument("--epochs", type=int, default=10, help="epoch cap of every trial, both sides")
+    ap.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args(argv)
+
+    from pipeline.config import Settings
+    from pipeline.data import HeldOut, load_dataset
+    from pipeline.space import load_space
+
+    space = load_space(args.search_space)
+    data = load_dataset(args.dataset, args.seed)
+    results = {}
+    with temp_stores() as tmp:
+        base = Settings(dataset=args.dataset, search_space=args.search_space, n_trials=100_000,
+                        timeout=max(1, round(args.budget_minutes * 60)), epochs=args.epochs, seed=args.seed,
+                        storage=f"sqlite:///{tmp}/optuna.db", experiment_name="bench-search-vs-random")
+        sides = {
+            "pipeline": (base.replace(study_name="pipeline", pruner="median"), None),
+            "random": (base.replace(study_name="random", pruner="none"), optuna.samplers.RandomSampler(seed=args.seed)),
+        }
+        for name, (settings, sampler) in sides.items():
+            data.test = HeldOut(data.test.x, data.test.y)  # each side opens the test split once
+            results[name] = run_side(name, data, space, settings, sampler)
+            r = results[name]
+            print(f"{name}: best val_accuracy {r['best_val_accuracy']:.4f}, test_accuracy {r['test_accuracy']:.4f}, "
+                  f"{r['complete']} complete / {r['pruned']} pruned, {r['epochs']} epochs, "
+                  f"search {r['search_s']:.0f} s, refit {r['refit_s']:.0f} s", flush=True)
+    reach = time_to_reach(results["pipeline"]["trials"], results["random"]["best_val_accuracy"])
+    out = {"dataset": args.dataset, "budget_min": args.budget_minutes, "epochs_cap": args.epochs}
+    for name, r in results.items():
+        out.update({f"{name}_{k}": v for k, v in r.items() if k != "trials"})
+    out["pipeline_s_to_random_best"] = reach
+    out["test_gain_points"] = 100 * (results["pipeline"]["test_accuracy"] - results["random"]["test_accuracy"])
+    print(result_line(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
