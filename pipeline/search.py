@@ -124,7 +124,8 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
             study.optimize(
                 objective,
                 n_trials=remaining,
-                timeout=seconds,
+                # measured again here: the set-up above can take longer than the margin
+                timeout=None if until is None else until - time.time() - DEADLINE_MARGIN,
                 callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED), bar],
                 gc_after_trial=True,
             )

@@ -141,7 +141,7 @@ def test_warm_start_trials_report_to_the_pruner_but_are_never_pruned(tmp_path, s
     space_file = tmp_path / "space.yaml"
     space_file.write_text("depth: 1\nfirst_block: {filters: 16, kernel_size: 3, pool_size: 2}\ndense: {units: 64}\n"
                           "training: {optimizer: adam, learning_rate: [0.003, 0.000000001], batch_size: 32}\n")
-    s = settings.replace(search_space=str(space_file), epochs=3, n_trials=4, pruner="median")
+    s = settings.replace(search_space=str(space_file), epochs=2, n_trials=4, pruner="median")
     space = load_space(s.search_space)
     study = open_study(s, space)
     for _ in range(3):
@@ -150,7 +150,7 @@ def test_warm_start_trials_report_to_the_pruner_but_are_never_pruned(tmp_path, s
     run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
     last = study.trials[3]
     assert last.user_attrs["warm_start"] == "hopeless" and last.state.name == "COMPLETE"
-    assert sorted(last.intermediate_values) == [0, 1, 2], "it reported every epoch"
+    assert sorted(last.intermediate_values) == [0, 1], "it reported every epoch"
 
 
 def test_warm_start_outside_the_space_names_the_configuration(settings, digits):
