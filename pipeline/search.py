@@ -120,12 +120,12 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     try:
         with progress_bar(study, settings) as bar:
             # Optuna's timeout counts from here: the seconds left to the deadline, read last
+            # (the set-up above can take longer than the margin)
             seconds = None if until is None else max(0.0, until - time.time() - DEADLINE_MARGIN)
             study.optimize(
                 objective,
                 n_trials=remaining,
-                # measured again here: the set-up above can take longer than the margin
-                timeout=None if until is None else until - time.time() - DEADLINE_MARGIN,
+                timeout=seconds,
                 callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED), bar],
                 gc_after_trial=True,
             )
