@@ -95,10 +95,20 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP)
+        self._tpe = self._make(seed)
+
+    @staticmethod
+    def _make(seed: int) -> optuna.samplers.TPESampler:
+        # multivariate + group: one joint model per set of params that occur together (a
+        # space's later blocks exist only at some depths); constant_liar: workers that sample
+        # at once see each other's running trials and spread out.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP, multivariate=True, group=True,
+                                              constant_liar=True)
 
     def before_trial(self, study, trial):
-        self._tpe = optuna.samplers.TPESampler(seed=self.seed + trial.number, n_startup_trials=TPE_STARTUP)
+        self._tpe = self._make(self.seed + trial.number)
         self._tpe.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):

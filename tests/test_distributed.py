@@ -3,7 +3,8 @@ three workers share a study on a journal file and on PostgreSQL within the globa
 a SIGKILLed worker's trial is failed, retried and its MLflow run closed, Ctrl-C and SIGTERM
 end the running trial as KILLED and the study resumes, a password never reaches MLflow.
 
-PostgreSQL tests use 127.0.0.1:5432 (user postgres) and skip when no server answers.
+PostgreSQL tests use 127.0.0.1:5432 (user postgres), the MySQL test 127.0.0.1:3306 (user root,
+no password; MySQL or MariaDB); each skips when no server answers.
 """
 
 from __future__ import annotations
@@ -60,6 +61,27 @@ def postgres():
     with admin.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         cur.execute(f"DROP ROLE IF EXISTS {name}")
+    admin.close()
+
+
+@pytest.fixture
+def mysql():
+    """(URL with a password, the password) of a fresh MySQL/MariaDB database and user."""
+    pymysql = pytest.importorskip("pymysql")
+    try:
+        admin = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
+                                autocommit=True)
+    except pymysql.err.MySQLError as e:
+        pytest.skip(f"no MySQL server answers at 127.0.0.1:3306 as user root without a password ({e})")
+    name, password = f"pipeline_test_{uuid.uuid4().hex[:12]}", f"Pw{uuid.uuid4().hex}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+        cur.execute(f"CREATE USER '{name}'@'%%' IDENTIFIED BY %s", (password,))
+        cur.execute(f"GRANT ALL PRIVILEGES ON {name}.* TO '{name}'@'%'")
+    yield f"mysql://{name}:{password}@127.0.0.1:3306/{name}", password
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"DROP USER IF EXISTS '{name}'@'%'")
     admin.close()
 
 
@@ -258,6 +280,25 @@ def test_a_worker_starting_on_a_journal_study_recovers_trials_of_dead_processes(
     states = [t.state.name for t in study.trials]
     assert states == ["FAIL", "RUNNING", "COMPLETE"]
     assert study.trials[2].system_attrs["failed_trial"] == 0 and study.trials[2].params == study.trials[0].params
+
+
+def test_a_search_runs_on_mysql_and_the_password_stays_out_of_mlflow(tmp_path, settings, digits, space_file,
+                                                                     mysql, capsys):
+    url, password = mysql
+    s = settings.replace(storage=url, search_space=space_file, n_trials=3, epochs=2, pruner="median")
+    space = load_space(space_file)
+    study = open_study(s, space)
+    tracker = Tracker(study, s)
+    run_search(study, Objective(digits, space, s, tracker), s)
+    tracker.finish()
+
+    study = optuna.load_study(study_name=s.study, storage=make_storage(url))
+    assert counted_trials(study) == 3 and study.best_trial.state.name == "COMPLETE"
+    assert all(len(t.intermediate_values) >= 1 for t in study.trials), "every epoch was reported"
+    parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
+    assert parent.data.params["storage"] == url.replace(password, "***")
+    assert password.encode() not in (tmp_path / "mlflow.db").read_bytes()
+    assert password not in capsys.readouterr().out
 
 
 def test_one_worker_is_reproducible_and_trial_numbers_get_different_draws(tmp_path, settings, space_file):
