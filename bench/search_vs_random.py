@@ -10,6 +10,10 @@ refit_and_test) in temp stores; the random side only swaps the study's sampler f
 Optuna's RandomSampler and uses pruner=none. Data are loaded once and shared. The budget
 is Optuna's `timeout`: no trial starts after it, the running one finishes.
 
+Options: `--sides pipeline` (or `random`) runs one side, `--pruner` swaps the pipeline's
+pruner, `--threads N` limits TensorFlow's threads (several benches on one machine), and
+`--trials-csv FILE` writes every trial (params, state, value, epochs, start/end seconds).
+
 Prints, for both: best validation accuracy, test accuracy, trials completed / pruned,
 epochs spent, search and refit seconds, and how long the pipeline took to first match
 random search's best validation accuracy. Last line: `name=value` pairs.
