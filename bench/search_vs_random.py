@@ -34,7 +34,7 @@ def epochs_spent(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs.get("epochs_run", len(trial.intermediate_values)))
 
 
-def run_side(name, data, space, settings, sampler=None) -> dict:
+def run_side(data, space, settings, sampler=None) -> dict:
     from pipeline.refit import refit_and_test
     from pipeline.search import Objective, run_search
     from pipeline.study import open_study
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         for name in args.sides.split(","):
             settings, sampler = sides[name]
             data.test = HeldOut(data.test.x, data.test.y)  # each side opens the test split once
-            results[name] = run_side(name, data, space, settings, sampler)
+            results[name] = run_side(data, space, settings, sampler)
             r = results[name]
             print(f"{name}: best val_accuracy {r['best_val_accuracy']:.4f}, test_accuracy {r['test_accuracy']:.4f}, "
                   f"{r['complete']} complete / {r['pruned']} pruned, {r['epochs']} epochs, "

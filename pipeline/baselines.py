@@ -21,7 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.refit import score
-from pipeline.tracking import EpochLogger, new_parent_run, project_run_id
+from pipeline.tracking import EpochLogger, log_metrics, new_parent_run, project_run_id
 from pipeline.train import KeepModel, train, validation_splits
 from pipeline.warm_start import load_configurations
 
@@ -76,8 +76,7 @@ def run_baselines(settings, data) -> list[dict]:
             except BaseException as e:
                 client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
                 raise
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            log_metrics(client, run_id, metrics)
             client.set_terminated(run_id, status="FINISHED")
             rows.append({"name": name, "parameters": metrics["params_count"], "val_accuracy": metrics["val_accuracy"],
                          "test_accuracy": metrics["test_accuracy"], "seconds": metrics["seconds"]})

@@ -11,7 +11,6 @@ names, registered as `registered_model_name` (a new version per refit).
 
 from __future__ import annotations
 
-import mlflow
 import optuna
 from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
 
@@ -19,6 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.pareto import select_trial
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
+from pipeline.tracking import log_metrics
 from pipeline.train import fit_full
 
 
@@ -70,7 +70,7 @@ def refit_and_test(study: optuna.Study, data, settings, tracker) -> dict:
     metrics["refit_epochs"] = epochs
 
     client, run_id = tracker.client, tracker.parent_run_id
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    log_metrics(client, run_id, metrics)
     client.set_tag(run_id, "best_trial_number", str(best.number))
     if settings.multi_objective:
         client.set_tag(run_id, "select", settings.select or "most accurate")

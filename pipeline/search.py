@@ -25,6 +25,7 @@ from pipeline.model import latency_ms
 from pipeline.recover import mark_owner, recover
 from pipeline.study import COUNTED, counted_trials, deadline
 from pipeline.terminal import progress_bar
+from pipeline.tracking import log_metrics
 from pipeline.train import KeepModel, train, validation_splits
 
 LATENCY_IMAGES = 256  # validation images timed for `latency_ms`
@@ -90,7 +91,7 @@ class Objective:
                 summary["latency_ms"] = latency_ms(keep.model, self.data.x_train[self.splits[0].val_rows[:LATENCY_IMAGES]])
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
-            self.tracker.log_metrics(run_id, summary)
+            log_metrics(self.tracker.client, run_id, summary)
             trial.set_user_attr("params_count", folds[0]["params_count"])  # the metric: EpochLogger
         if not s.multi_objective:
             return value

@@ -91,6 +91,12 @@ def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: st
     return sorted(closed)
 
 
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
+    """Several metrics in one store round trip."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Logs each epoch's `train_*` / `val_*` metrics and its wall seconds to one MLflow run,
     and the model's `params_count` when training starts (so pruned trials have it too).
@@ -180,8 +186,8 @@ class Tracker:
             tags["pruning"] = "off: Optuna does not prune multi-objective studies"
         for k, v in tags.items():
             self.client.set_tag(self.parent_run_id, k, v)
-        for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
-            if self.device:
+        if self.device:
+            for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
                 self.client.set_tag(run_id, "device", self.device)
         run = self.client.get_run(self.parent_run_id)
         if run.info.status != "RUNNING":
@@ -241,11 +247,6 @@ class Tracker:
         logger = EpochLogger(self.client, run_id, step_offset, self._writer)
         self._loggers.setdefault(run_id, []).append(logger)
         return logger
-
-    def log_metrics(self, run_id: str, metrics: dict, step: int = 0):
-        """Several metrics in one store round trip."""
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def finish(self, status: str = "FINISHED"):
         """End this process's worker run, and the parent unless other workers still run
