@@ -80,6 +80,24 @@ def test_overhead_bench_runs_and_ends_with_the_ratio(tracking_uri, capsys):
     assert out["bare_epoch_s"] > 0 and out["pipeline_epoch_s"] > 0
 
 
+def test_search_vs_random_bench_runs_both_sides_and_ends_with_the_verdict(tracking_uri, tmp_path, capsys):
+    """Both sides on digits for a few seconds each: trials, refits, the per-trial CSV."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_vs_random
+
+    csv_file = tmp_path / "trials.csv"
+    out = search_vs_random.main(["--dataset", "digits", "--budget-minutes", "0.1", "--epochs", "1",
+                                 "--pruner", "wallclock", "--trials-csv", str(csv_file)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.split()[-1].startswith("target_met=")
+    assert out["pruner"] == "wallclock"
+    for side in ("pipeline", "random"):
+        assert out[f"{side}_complete"] >= 1 and 0 < out[f"{side}_test_accuracy"] <= 1
+    assert out["random_s_to_random_best"] > 0
+    rows = csv_file.read_text().splitlines()
+    assert rows[0].startswith("side,number,state") and len(rows) - 1 >= 2
+
+
 def test_train_reports_the_best_epoch_from_the_tf_data_path(digits):
     split = validation_splits(digits.x_train, digits.y_train, 1, 0.2, seed=0)[0]
     params = {"depth": 1, "conv1_filters": 8, "conv1_kernel_size": 3, "conv1_pool_size": 2, "dense_units": 32}
