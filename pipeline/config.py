@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
 
-PRUNERS = ("median", "wallclock", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "none")
 EXTRA_OBJECTIVES = ("params", "latency_ms")  # minimized beside the metric in multi-objective studies
 DEFAULT_OBJECTIVES = "val_accuracy"
 
@@ -32,7 +32,7 @@ class Settings:
     storage: str = _param("sqlite:///optuna.db", "Optuna storage URL")
     seed: int = _param(42, "seed of the sampler, the splits and the weights")
     cv_folds: int = _param(1, "1 = hold-out validation; k > 1 = stratified k-fold CV")
-    pruner: str = _param("median", "median, wallclock, hyperband or none")
+    pruner: str = _param("median", "median, hyperband or none")
     experiment_name: str = _param("cnn-search", "MLflow experiment (ignored under `mlflow run`, which picks its own)")
     image_size: int = _param(0, "resize images to N x N (0 = keep the native size)")
     metric: str = _param("val_accuracy", "validation metric the search optimizes")

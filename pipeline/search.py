@@ -23,7 +23,7 @@ from optuna_integration import KerasPruningCallback
 
 from pipeline.model import latency_ms
 from pipeline.recover import mark_owner, recover
-from pipeline.study import COUNTED, ELAPSED_ATTR, counted_trials, deadline
+from pipeline.study import COUNTED, counted_trials, deadline
 from pipeline.terminal import progress_bar
 from pipeline.tracking import log_metrics
 from pipeline.train import KeepModel, train, validation_splits
@@ -35,23 +35,15 @@ DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the dead
 class FoldPruning(KerasPruningCallback):
     """KerasPruningCallback whose steps continue across CV folds (fold k starts at k * epochs).
 
-    Before each report it stores the seconds since `started` (the trial's start, a
-    `time.perf_counter()` reading) under the step in the trial's `ELAPSED_ATTR` attribute, for
-    the wall-clock pruner; `clock` is that {step: seconds} dict, shared by a trial's folds.
     With `prune=False` (warm-start trials) it only reports: a known configuration is trained
     to the end and serves the pruner as a reference for the trials after it.
     """
 
-    def __init__(self, trial, monitor: str, step_offset: int = 0, prune: bool = True,
-                 started: float | None = None, clock: dict | None = None):
+    def __init__(self, trial, monitor: str, step_offset: int = 0, prune: bool = True):
         super().__init__(trial, monitor)
         self.step_offset, self.prune = step_offset, prune
-        self.started = time.perf_counter() if started is None else started
-        self.clock = {} if clock is None else clock
 
     def on_epoch_end(self, epoch, logs=None):
-        self.clock[str(epoch + self.step_offset)] = round(time.perf_counter() - self.started, 3)
-        self._trial.set_user_attr(ELAPSED_ATTR, self.clock)
         if self.prune:
             super().on_epoch_end(epoch + self.step_offset, logs)
         elif self._monitor in (logs or {}):
@@ -68,7 +60,6 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
-        started, clock = time.perf_counter(), {}
         mark_owner(trial)
         self.tracker.close_dead_runs()
         params = self.space.sample(trial)
@@ -81,8 +72,7 @@ class Objective:
                 offset = k * s.epochs
                 callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
                 if s.pruning:
-                    callbacks.append(FoldPruning(trial, s.metric, offset, prune="warm_start" not in trial.user_attrs,
-                                                 started=started, clock=clock))
+                    callbacks.append(FoldPruning(trial, s.metric, offset, prune="warm_start" not in trial.user_attrs))
                 callbacks += self.extra_callbacks
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,

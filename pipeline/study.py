@@ -15,13 +15,11 @@ share a `seed` still draw different configurations.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -37,7 +35,6 @@ TPE_STARTUP = 5  # random trials before TPE models the study (Optuna's default, 
 PRUNE_AFTER = 2  # epochs every trial trains before the median pruner may stop it (slow starters survive)
 DRIVERS = {"postgresql://": "postgresql+psycopg2://", "mysql://": "mysql+pymysql://"}  # the pinned ones
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-ELAPSED_ATTR = "elapsed_s"  # trial user attr: {step: seconds since the trial started} (FoldPruning writes it)
 DEADLINE_ATTR = "deadline"  # study user attr: epoch seconds after which no trial starts
 
 
@@ -73,44 +70,9 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
             raise PipelineError(f"storage={mask(given)}: cannot open ({type(e).__name__}: {first_line})") from None
 
 
-class WallClockMedianPruner(optuna.pruners.BasePruner):
-    """Median pruning at equal wall-clock time instead of equal epoch.
-
-    After the warm-up epochs, a trial stops when its best value so far is worse than the
-    median of what the complete trials had reached after as many seconds of their own
-    (`ELAPSED_ATTR`); a complete trial with no value yet at that time counts as worst.
-    Under a time budget this stops a slow configuration that fast ones beat in the same
-    seconds, which the epoch-based median lets run: it compares progress per second, not
-    per epoch. Trials without the attribute (not run by this pipeline) are ignored.
-    """
-
-    def __init__(self, n_startup_trials: int = 3, n_warmup_steps: int = PRUNE_AFTER):
-        self.n_startup_trials, self.n_warmup_steps = n_startup_trials, n_warmup_steps
-
-    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step, clock = trial.last_step, trial.user_attrs.get(ELAPSED_ATTR, {})
-        done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if ELAPSED_ATTR in t.user_attrs]
-        if step is None or step < self.n_warmup_steps or len(done) < self.n_startup_trials or str(step) not in clock:
-            return False
-        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        seconds = clock[str(step)]
-
-        def best_by(t: optuna.trial.FrozenTrial, until: float) -> float:
-            """t's best value (sign-adjusted: higher is better) among its steps reached by `until` seconds."""
-            times = t.user_attrs.get(ELAPSED_ATTR, {})
-            reached = [sign * v for s, v in t.intermediate_values.items() if times.get(str(s), math.inf) <= until]
-            return max((v for v in reached if not math.isnan(v)), default=-math.inf)  # NaN counts as worst
-
-        mine = best_by(trial, seconds)
-        return mine < float(np.median([best_by(t, seconds) for t in done]))
-
-
 def make_pruner(name: str, epochs: int, folds: int):
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_AFTER)
-    if name == "wallclock":
-        return WallClockMedianPruner()
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs * folds)
     return optuna.pruners.NopPruner()
