@@ -91,10 +91,10 @@ def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: st
     return sorted(closed)
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int = 0) -> None:
-    """Several metrics in one store round trip."""
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
+    """Several metrics (step 0) in one store round trip."""
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
 
 class EpochLogger(keras.callbacks.Callback):
