@@ -1,12 +1,13 @@
 """Overhead of the pipeline over bare Keras: the same model on the same data, trained
-(a) by a bare `model.fit` on the numpy arrays and (b) as one trial of the pipeline (its
-Objective inside `study.optimize`: pruning callback, MLflow logging to a temp SQLite
-store, Optuna SQLite storage, early stopping), interleaved a, b, a, b, ...
+(a) by a bare `model.fit` on the numpy arrays and (b) as a one-trial search of the pipeline
+(`pipeline.core.run_study`: pruning callback, MLflow logging to a temp SQLite store,
+Optuna SQLite storage, early stopping), interleaved a, b, a, b, ...
 
     python bench/overhead.py                          # digits, under a minute
     python bench/overhead.py --dataset ../shared/data/cifar10-sample --epochs 3 --repeats 3
 
-Per-epoch wall time is measured from one epoch's start to the next (every callback's
+`--system-metrics 1` turns on MLflow's system-metrics monitor for the pipeline's trials, to
+measure what `system_metrics=1` costs. Per-epoch wall time is measured from one epoch's start to the next (every callback's
 end-of-epoch work included), first (tracing) epoch left out; the figure is the median
 over repeats. Also reported: the whole-trial ratio (`trial_ratio`), Optuna's start-to-end
 time of the trial (sampling, MLflow run, model build, fit, logging) over the bare model's
@@ -46,12 +47,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--system-metrics", type=int, default=0, help="1: the pipeline side logs MLflow system metrics")
     args = ap.parse_args(argv)
 
-    from pipeline.search import Objective, run_search
+    from pipeline.core import run_study
     from pipeline.space import load_space
-    from pipeline.study import open_study
-    from pipeline.tracking import Tracker
+    from pipeline.train import validation_splits
 
     data = load_dataset(args.dataset, args.seed)
     a_epoch, b_epoch, a_fit, b_trial = [], [], [], []
@@ -60,38 +61,30 @@ def main(argv=None) -> dict:
         space = load_space(space_file)
         base = Settings(dataset=args.dataset, search_space=str(space_file), n_trials=1, epochs=args.epochs,
                         storage=f"sqlite:///{tmp}/optuna.db", seed=args.seed, patience=args.epochs,
-                        experiment_name="bench-overhead")
+                        experiment_name="bench-overhead", system_metrics=args.system_metrics)
+        split = validation_splits(data.x_train, data.y_train, 1, base.val_fraction, base.seed)[0]  # the trial's
+        x, y = data.x_train[split.train_rows], data.y_train[split.train_rows]
+        x_val, y_val = data.x_train[split.val_rows], data.y_train[split.val_rows]
+        params = _fixed_params(space)
         clock = EpochClock()
-        objective = None
         for r in range(args.repeats):
             settings = base.replace(study_name=f"overhead-{r}")
-            study = open_study(settings, space)
-            tracker = Tracker(study, settings)
-            if objective is None:  # the splits are made once per process, as in a real run
-                objective = Objective(data, space, settings, tracker, callbacks=[clock])
-                split = objective.splits[0]
-                x, y = data.x_train[split.train_rows], data.y_train[split.train_rows]
-                x_val, y_val = data.x_train[split.val_rows], data.y_train[split.val_rows]
-                params = _fixed_params(space)
-            objective.settings, objective.tracker = settings, tracker
-
             start = time.perf_counter()
             bare_fit(params, x, y, x_val, y_val, data, args.epochs, args.seed, clock)
             a_fit.append(time.perf_counter() - start)
             a_epoch.append(clock.steady())
 
-            run_search(study, objective, settings)
+            study = run_study("search", settings, data, space, callbacks=[clock]).study
             trial = study.trials[-1]  # Optuna's own clock: from the trial's creation to its end
             b_trial.append((trial.datetime_complete - trial.datetime_start).total_seconds())
             b_epoch.append(clock.steady())
-            tracker.finish()
             print(f"repeat {r + 1}: bare {a_epoch[-1]:.3f} s/epoch, pipeline {b_epoch[-1]:.3f} s/epoch; "
                   f"whole fit {a_fit[-1]:.2f} s, whole trial {b_trial[-1]:.2f} s", flush=True)
     med = lambda v: float(np.median(v))  # noqa: E731
     out = {
         "dataset": args.dataset, "epochs": args.epochs, "repeats": args.repeats,
         "bare_epoch_s": med(a_epoch), "pipeline_epoch_s": med(b_epoch),
-        "bare_fit_s": med(a_fit), "pipeline_trial_s": med(b_trial),
+        "system_metrics": args.system_metrics, "bare_fit_s": med(a_fit), "pipeline_trial_s": med(b_trial),
         "trial_ratio": med(b_trial) / med(a_fit),
         "overhead_ratio": med(b_epoch) / med(a_epoch),
     }

@@ -5,9 +5,9 @@ wall-clock budget and followed by the same refit and test scoring.
     python bench/search_vs_random.py --dataset ../shared/data/cifar10-sample --budget-minutes 20
     python bench/search_vs_random.py --dataset digits --budget-minutes 1 --epochs 5   # a quick look
 
-Both sides run the pipeline's own modules (open_study, Tracker, Objective, run_search,
-refit_and_test) in temp stores; the random side only swaps the study's sampler for
-Optuna's RandomSampler and uses pruner=none. Data are loaded once and shared. The budget
+Both sides run the pipeline's own core sequence (`pipeline.core.run_study`: search, then
+refit) in temp stores; the random side is `sampler=random` with `pruner=none`. Search
+seconds include the study report (plots) each side logs. Data are loaded once and shared. The budget
 is Optuna's `timeout`: no trial starts after it, the running one finishes.
 
 Options: `--sides pipeline` (or `random`) runs one side, `--pruner` swaps the pipeline's
@@ -36,23 +36,15 @@ def epochs_spent(trial: optuna.trial.FrozenTrial) -> int:
     return int(trial.user_attrs.get("epochs_run", len(trial.intermediate_values)))
 
 
-def run_side(data, space, settings, sampler=None) -> dict:
-    from pipeline.refit import refit_and_test
-    from pipeline.search import Objective, run_search
-    from pipeline.study import open_study
-    from pipeline.tracking import Tracker
+def run_side(data, space, settings) -> dict:
+    from pipeline.core import run_study
 
-    study = open_study(settings, space)
-    if sampler is not None:
-        study.sampler = sampler
-    tracker = Tracker(study, settings)
     start = time.perf_counter()
-    run_search(study, Objective(data, space, settings, tracker), settings)
+    study = run_study("search", settings, data, space).study
     search_s = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = refit_and_test(study, data, settings, tracker)
+    metrics = run_study("refit", settings, data, space).metrics
     refit_s = time.perf_counter() - start
-    tracker.finish()
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
     return {
@@ -123,13 +115,12 @@ def main(argv=None) -> dict:
                         threads=args.threads, storage=f"sqlite:///{tmp}/optuna.db",
                         experiment_name="bench-search-vs-random")
         sides = {
-            "pipeline": (base.replace(study_name="pipeline", pruner=args.pruner or base.pruner), None),
-            "random": (base.replace(study_name="random", pruner="none"), optuna.samplers.RandomSampler(seed=args.seed)),
+            "pipeline": base.replace(study_name="pipeline", pruner=args.pruner or base.pruner),
+            "random": base.replace(study_name="random", sampler="random", pruner="none"),
         }
         for name in args.sides.split(","):
-            settings, sampler = sides[name]
             data.test = HeldOut(data.test.x, data.test.y)  # each side opens the test split once
-            results[name] = run_side(data, space, settings, sampler)
+            results[name] = run_side(data, space, sides[name])
             r = results[name]
             print(f"{name}: best val_accuracy {r['best_val_accuracy']:.4f}, test_accuracy {r['test_accuracy']:.4f}, "
                   f"{r['complete']} complete / {r['pruned']} pruned, {r['epochs']} epochs, "
@@ -137,7 +128,7 @@ def main(argv=None) -> dict:
     if args.trials_csv:
         write_trials(args.trials_csv, results)
     out = {"dataset": args.dataset, "budget_min": args.budget_minutes, "epochs_cap": args.epochs,
-           "pruner": sides["pipeline"][0].pruner}
+           "pruner": sides["pipeline"].pruner}
     for name, r in results.items():
         out.update({f"{name}_{k}": v for k, v in r.items() if k != "trials"})
     if len(results) == 2:

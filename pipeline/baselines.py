@@ -17,18 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
+from pipeline.config import Settings
 from pipeline.refit import score
-from pipeline.tracking import EpochLogger, log_metrics, new_parent_run, project_run_id
+from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, train, validation_splits
 from pipeline.warm_start import load_configurations
 
 COLUMNS = ("name", "parameters", "val_accuracy", "test_accuracy", "seconds")
 
 
-def train_and_test(params: dict, split, data, x_test, y_test, settings, callbacks) -> dict:
+def train_and_test(params: dict, split, data, x_test, y_test, settings: Settings, callbacks) -> dict:
     """Best-epoch metrics of one baseline, its test scores, parameter count and seconds."""
     keep = KeepModel()
     start = time.perf_counter()
@@ -49,13 +47,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_baselines(settings, data) -> list[dict]:
+def run_baselines(settings: Settings, data, device: str = "") -> list[dict]:
     """Train and test every chosen baseline; returns the table's rows."""
     space, configs = load_configurations(settings.baselines, only=settings.only_names)
     split = validation_splits(data.x_train, data.y_train, 1, settings.val_fraction, settings.seed)[0]
-    client = MlflowClient()
-    parent = new_parent_run(client, settings.experiment_name, f"baselines-{data.name}", project_run_id())
-    experiment_id = client.get_run(parent).info.experiment_id
+    tracker = Tracker(settings, run_name=f"baselines-{data.name}", device=device)
+    client, parent = tracker.client, tracker.parent_run_id
     for k, v in {"pipeline.role": "baselines", "dataset": settings.dataset, "baselines": settings.baselines,
                  "search_space": space.path}.items():
         client.set_tag(parent, k, v)
@@ -65,19 +62,17 @@ def run_baselines(settings, data) -> list[dict]:
     print(f"baselines: {', '.join(configs)} on {data.name}, {len(split.train_rows)} train / {len(split.val_rows)} "
           f"validation images, up to {settings.epochs} epoch(s) each")
     x_test, y_test = data.test.open()
+    inputs = [(data.lineage(data.x_train, data.y_train, split.train_rows), "training"),
+              (data.lineage(data.x_train, data.y_train, split.val_rows), "validation"),
+              (data.lineage(x_test, y_test), "test")]
     rows, status = [], "FAILED"
     try:
         for name, params in configs.items():
-            run_id = client.create_run(experiment_id, run_name=name,
-                                       tags={"mlflow.parentRunId": parent, "baseline": name}).info.run_id
-            client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-            try:
-                metrics = train_and_test(params, split, data, x_test, y_test, settings, [EpochLogger(client, run_id)])
-            except BaseException as e:
-                client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-                raise
-            log_metrics(client, run_id, metrics)
-            client.set_terminated(run_id, status="FINISHED")
+            with tracker.child_run(name, params, baseline=name) as run_id:
+                log_datasets(client, run_id, inputs)
+                metrics = train_and_test(params, split, data, x_test, y_test, settings,
+                                         [tracker.epoch_logger(run_id)])
+                log_metrics(client, run_id, metrics)
             rows.append({"name": name, "parameters": metrics["params_count"], "val_accuracy": metrics["val_accuracy"],
                          "test_accuracy": metrics["test_accuracy"], "seconds": metrics["seconds"]})
             print(f"{name}: val_accuracy={metrics['val_accuracy']:.4f} test_accuracy={metrics['test_accuracy']:.4f} "
@@ -94,6 +89,6 @@ def run_baselines(settings, data) -> list[dict]:
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(parent, status=status)
+        tracker.finish(status)
     print("\n" + table(rows))
     return rows

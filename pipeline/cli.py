@@ -15,12 +15,14 @@ marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
-from pipeline.config import Settings, fields
+from pipeline import names
+from pipeline.config import SEARCHES, Settings, fields
 from pipeline.errors import PipelineError
+from pipeline.names import mask
+from pipeline.quiet import quiet_console
 
 COMMANDS = {
     "main": "search, then refit the best configuration and score it on the test split",
@@ -30,7 +32,6 @@ COMMANDS = {
     "space": "dry run: validate the space, sample `samples` configurations, print their models (no training)",
     "baselines": "train each baseline configuration, score it on the test split, print a table",
 }
-SEARCHES = ("main", "search")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,17 +52,12 @@ def parse(argv: list[str]) -> tuple[str, Settings]:
     return command, Settings(**args)
 
 
-def _quiet_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt("SIGTERM")
 
 
 def run(command: str, settings: Settings, data=None) -> dict:
-    """Run one command, log the study's plots and trials table to its parent run and print
-    a summary; returns the test metrics for main/refit, {} for the others.
+    """Run one command; returns the test metrics for main/refit, {} for the others.
 
     `data` may be passed in (tests load it once); otherwise it is loaded from settings.
     Bad settings, space files, warm-start files and data fail here, before any study or run
@@ -70,7 +66,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.data import load_dataset
     from pipeline.device import configure, set_threads
     from pipeline.space import load_space
-    from pipeline.warm_start import enqueue, load_configurations
+    from pipeline.warm_start import load_configurations
 
     space = load_space(settings.search_space)
     set_threads(settings.threads)  # before TensorFlow runs anything (resizing images does)
@@ -93,42 +89,11 @@ def run(command: str, settings: Settings, data=None) -> dict:
     if command == "baselines":
         from pipeline.baselines import run_baselines
 
-        run_baselines(settings, data)
+        run_baselines(settings, data, device)
         return {}
+    from pipeline.core import run_study
 
-    from pipeline.pareto import log_front
-    from pipeline.refit import refit_and_test
-    from pipeline.report import log_study_report
-    from pipeline.search import Objective, run_search
-    from pipeline.study import join_study
-    from pipeline.terminal import summary
-    from pipeline.tracking import Tracker
-
-    study, created = join_study(settings, space, create=command != "refit")
-    if command in SEARCHES and settings.multi_objective and settings.pruner != "none":
-        print(f"pruning is off: Optuna does not prune multi-objective studies (pruner={settings.pruner} ignored)")
-    if warm:
-        new = enqueue(study, warm)
-        print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
-    # a worker that lost the race to create the study waits for the winner's parent run
-    tracker = Tracker(study, settings, wait_for_parent=not created and command != "refit",
-                      device=device)
-    status = "FAILED"
-    try:
-        if command in SEARCHES:
-            run_search(study, Objective(data, space, settings, tracker), settings)
-        if command in SEARCHES and settings.multi_objective:
-            log_front(study, settings, tracker)
-        log_study_report(study, tracker.client, tracker.parent_run_id)
-        metrics = refit_and_test(study, data, settings, tracker) if command in ("main", "refit") else {}
-        print(summary(study, settings, tracker.parent_run_id, metrics))
-        status = "FINISHED"
-        return metrics
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
+    return run_study(command, settings, data, space, warm=warm, device=device).metrics
 
 
 def _recover(settings: Settings, space) -> dict:
@@ -137,12 +102,11 @@ def _recover(settings: Settings, space) -> dict:
 
     from pipeline.recover import recover
     from pipeline.study import open_study
-    from pipeline.tracking import PARENT_ATTR
 
     study = open_study(settings, space, create=False)
     client = MlflowClient()
     try:  # the parent run names the experiment of the trial runs
-        experiment_id = client.get_run(study.user_attrs[PARENT_ATTR]).info.experiment_id
+        experiment_id = client.get_run(study.user_attrs[names.PARENT_RUN]).info.experiment_id
     except (KeyError, MlflowException):
         experiment_id = None  # no parent in this tracking store: only the study is recovered
     failed, closed = recover(study, client, experiment_id)
@@ -152,19 +116,17 @@ def _recover(settings: Settings, space) -> dict:
 
 
 def _resume_hint(command: str, settings: Settings) -> str:
-    from pipeline.tracking import mask
-
     return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
             f"(and your other options), or the same `mlflow run` command")
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_tensorflow()
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     command = settings = None
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
+        quiet_console()
         run(command, settings)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

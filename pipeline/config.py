@@ -11,10 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
+from pipeline.names import mask
 
 PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random")
 EXTRA_OBJECTIVES = ("params", "latency_ms")  # minimized beside the metric in multi-objective studies
 DEFAULT_OBJECTIVES = "val_accuracy"
+SEARCHES = ("main", "search")  # the commands that search
+REFITS = ("main", "refit")  # the commands that refit and test
 
 
 def _param(default, help):
@@ -33,6 +37,7 @@ class Settings:
     seed: int = _param(42, "seed of the sampler, the splits and the weights")
     cv_folds: int = _param(1, "1 = hold-out validation; k > 1 = stratified k-fold CV")
     pruner: str = _param("median", "median, hyperband or none")
+    sampler: str = _param("tpe", "tpe (Optuna's TPE, seeded per trial) or random (the tutorial's randomized search)")
     experiment_name: str = _param("cnn-search", "MLflow experiment (ignored under `mlflow run`, which picks its own)")
     image_size: int = _param(0, "resize images to N x N (0 = keep the native size)")
     metric: str = _param("val_accuracy", "validation metric the search optimizes")
@@ -56,6 +61,8 @@ class Settings:
     threads: int = _param(0, "TensorFlow intra-op threads of this worker (0 = one per core)")
     batch_size: int = _param(0, "batch size for every trial and the refit, overriding the space's (0 = the space's)")
     mixed_precision: int = _param(0, "1 = train in mixed float16 precision (GPU only)")
+    # issue 15: what a user sees
+    system_metrics: int = _param(0, "1 = log MLflow's system metrics (CPU, memory, GPU) for trial and refit runs")
 
     def __post_init__(self):
         checks = [
@@ -68,8 +75,10 @@ class Settings:
             (self.threads >= 0, "threads", "must be >= 0 (0 = one per core)"),
             (self.batch_size >= 0, "batch_size", "must be >= 0 (0 = the search space's)"),
             (self.mixed_precision in (0, 1), "mixed_precision", "must be 0 or 1"),
+            (self.system_metrics in (0, 1), "system_metrics", "must be 0 or 1"),
             (0.0 < self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1"),
             (self.pruner in PRUNERS, "pruner", f"must be one of {', '.join(PRUNERS)}"),
+            (self.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}"),
             (self.direction in ("maximize", "minimize"), "direction", "must be maximize or minimize"),
             (self.metric.startswith("val_"), "metric", "must be a validation metric (val_*)"),
             (bool(self.dataset), "dataset", "must not be empty"),
@@ -152,6 +161,20 @@ class Settings:
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def command_line(self, command: str) -> str:
+        """`python -m pipeline <command>` with every setting that differs from its default,
+        the study name and the storage always, any password masked."""
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default}
+        options.update(study_name=self.study, storage=mask(self.storage))
+        return " ".join(["python -m pipeline", command, *(f"--{k.replace('_', '-')} {_quoted(v)}" for k, v in options.items())])
+
+
+def _quoted(value) -> str:
+    import shlex
+
+    return shlex.quote(str(value))
 
 
 def fields():

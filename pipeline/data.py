@@ -6,13 +6,17 @@
     load_dataset("/data/my_images")            # <root>/{train,test}/<class>/* or <root>/<class>/*
 
 The test split is wrapped in `HeldOut`: nothing reads it until the refit calls `open()`,
-and `opened` records whether anyone did.
+and `opened` records whether anyone did. A dataset read from files says what it reads (a
+progress bar for large image folders) and what it loaded. `digest` fingerprints the content
+of a split for MLflow's dataset lineage (pipeline.tracking.log_datasets).
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,12 @@ from pipeline.errors import PipelineError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TEST_FRACTION = 0.2  # test share for datasets that ship without a test split
+BAR_FROM = 2000  # image files from which reading a folder shows a progress bar
+DIGEST_ROWS = 4096  # rows hashed at a time (no copy of a whole split)
+SOURCES = {  # where the built-in datasets come from, for the lineage of every run
+    "digits": "sklearn.datasets.load_digits",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+}
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Dataset:
     y_train: np.ndarray = field(repr=False)
     test: HeldOut
     class_names: list[str]
+    source: str = ""  # where the images come from: a built-in loader, a URL, or an absolute path
 
     @property
     def input_shape(self) -> tuple:
@@ -58,6 +69,36 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.class_names)
 
+    def lineage(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> "Lineage":
+        """What MLflow's dataset tracking records of images `x` (or their `rows`) of this dataset."""
+        count = len(y) if rows is None else len(rows)
+        return Lineage(self.name, self.source, digest(x, y, rows), count, self.n_classes, tuple(x.shape[1:]))
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A split as MLflow's dataset tracking shows it: name, source, content digest, rows,
+    classes and image shape."""
+
+    name: str
+    source: str
+    digest: str
+    rows: int
+    classes: int
+    shape: tuple
+
+
+def digest(x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> str:
+    """A content digest of labelled images (all rows, or `rows` in that order): it changes
+    when any pixel, label or the row selection changes."""
+    rows = np.arange(len(y)) if rows is None else np.asarray(rows)
+    h = hashlib.sha256(repr((x.shape[1:], str(x.dtype), len(rows))).encode())
+    for start in range(0, len(rows), DIGEST_ROWS):
+        chunk = rows[start:start + DIGEST_ROWS]
+        h.update(np.ascontiguousarray(x[chunk]).tobytes())
+        h.update(np.ascontiguousarray(y[chunk], np.int64).tobytes())
+    return h.hexdigest()[:16]
+
 
 def _split(x, y, seed: int):
     """Stratified, seeded train/test split for datasets without one."""
@@ -65,7 +106,7 @@ def _split(x, y, seed: int):
     return x_tr, y_tr, x_te, y_te
 
 
-def _make(name, x_tr, y_tr, x_te, y_te, classes) -> Dataset:
+def _make(name, x_tr, y_tr, x_te, y_te, classes, source) -> Dataset:
     as_images = lambda x: np.ascontiguousarray(x.reshape(x.shape if x.ndim == 4 else (*x.shape, 1)), np.uint8)  # noqa: E731
     return Dataset(
         name,
@@ -73,6 +114,7 @@ def _make(name, x_tr, y_tr, x_te, y_te, classes) -> Dataset:
         np.asarray(y_tr, np.int32).ravel(),
         HeldOut(as_images(x_te), np.asarray(y_te, np.int32).ravel()),
         list(classes),
+        str(source),
     )
 
 
@@ -81,7 +123,7 @@ def load_digits(seed: int) -> Dataset:
 
     bunch = sk_digits()
     x = np.rint(bunch.images * (255 / 16)).astype(np.uint8)  # 0..16 grey levels -> 0..255
-    return _make("digits", *_split(x, bunch.target, seed), [str(c) for c in bunch.target_names])
+    return _make("digits", *_split(x, bunch.target, seed), [str(c) for c in bunch.target_names], SOURCES["digits"])
 
 
 def load_cifar10_keras() -> Dataset:
@@ -95,7 +137,7 @@ def load_cifar10_keras() -> Dataset:
             "offline, point dataset at a local copy: the cifar-10-python.tar.gz archive or its "
             "cifar-10-batches-py/ folder"
         ) from None
-    return _make("cifar10", x_tr, y_tr, x_te, y_te, CIFAR10_CLASSES)
+    return _make("cifar10", x_tr, y_tr, x_te, y_te, CIFAR10_CLASSES, SOURCES["cifar10"])
 
 
 def _cifar_batches(read, where) -> Dataset:
@@ -117,7 +159,7 @@ def _cifar_batches(read, where) -> Dataset:
         classes = CIFAR10_CLASSES
     x_tr = np.concatenate([x for x, _ in train])
     y_tr = np.concatenate([y for _, y in train])
-    return _make(Path(where).name, x_tr, y_tr, x_te, y_te, classes)
+    return _make(Path(where).name, x_tr, y_tr, x_te, y_te, classes, Path(where).resolve())
 
 
 def load_cifar10_archive(path: Path) -> Dataset:
@@ -176,7 +218,13 @@ def _read_split(root: Path, classes: list[str], mode: str | None, size: int):
             raise PipelineError(f"{root / name}: class folder missing or without images")
         files += found
         labels += [label] * len(found)
-    images = Parallel(n_jobs=-1, prefer="threads", batch_size=256)(delayed(_read_image)(f, mode, size) for f in files)
+    jobs = Parallel(n_jobs=-1, prefer="threads", batch_size=256, return_as="generator")(
+        delayed(_read_image)(f, mode, size) for f in files)
+    if len(files) >= BAR_FROM:
+        from tqdm import tqdm
+
+        jobs = tqdm(jobs, total=len(files), desc=f"reading {root}", unit="image", dynamic_ncols=True)
+    images = list(jobs)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise PipelineError(f"{root}: images differ in size {sorted(shapes)[:3]}...; set image_size to resize them")
@@ -212,12 +260,25 @@ def load_image_folder(root: Path, seed: int, image_size: int) -> Dataset:
         x_te, y_te = _read_split(root / "test", classes, mode, image_size)
         if x_te.shape[1:] != x.shape[1:]:
             raise PipelineError(f"{root}: train and test images differ in size; set image_size to resize them")
-        return _make(root.name, x, y, x_te, y_te, classes)
-    return _make(root.name, *_split(x, y, seed), classes)
+        return _make(root.name, x, y, x_te, y_te, classes, root.resolve())
+    return _make(root.name, *_split(x, y, seed), classes, root.resolve())
 
 
 def load_dataset(name: str, seed: int = 42, image_size: int = 0) -> Dataset:
-    """Dispatch on the `dataset` setting; every failure is a one-line PipelineError."""
+    """Dispatch on the `dataset` setting; every failure is a one-line PipelineError. A dataset
+    read from files or downloaded says what it reads and what it loaded."""
+    if name == "digits":
+        return _load(name, seed, image_size)
+    print(f"loading dataset {name}" + (f", resized to {image_size}x{image_size}" if image_size else ""), flush=True)
+    start = time.perf_counter()
+    data = _load(name, seed, image_size)
+    print(f"loaded {data.name}: {len(data.y_train):,} train / {len(data.test):,} test images of "
+          f"{'x'.join(map(str, data.input_shape))}, {data.n_classes} classes, in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    return data
+
+
+def _load(name: str, seed: int, image_size: int) -> Dataset:
     if name == "digits":
         data = load_digits(seed)
     elif name == "cifar10":
@@ -249,4 +310,5 @@ def resize(data: Dataset, size: int) -> Dataset:
         out = tf.image.resize(x, (size, size), method="bilinear", antialias=True)
         return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
 
-    return Dataset(data.name, r(data.x_train), data.y_train, HeldOut(r(data.test.x), data.test.y), data.class_names)
+    return Dataset(data.name, r(data.x_train), data.y_train, HeldOut(r(data.test.x), data.test.y), data.class_names,
+                   data.source)

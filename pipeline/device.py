@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
 INTER_OP_THREADS = 2  # parallel independent ops; more only adds contention on small CPUs
@@ -54,7 +55,7 @@ def gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
-def configure(settings) -> str:
+def configure(settings: Settings) -> str:
     """Apply `mixed_precision`; return the description of the device that trains."""
     import keras
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import optuna
 
+from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.warm_start import load_configurations
@@ -26,7 +27,7 @@ def layer_table(model) -> list[str]:
     return lines
 
 
-def configurations(space, settings) -> list[tuple[str, dict]]:
+def configurations(space, settings: Settings) -> list[tuple[str, dict]]:
     """(label, params): the warm-start configurations, then `samples` random draws."""
     named = []
     if settings.warm_start:
@@ -41,7 +42,7 @@ def configurations(space, settings) -> list[tuple[str, dict]]:
     return named + sampled
 
 
-def dry_run(space, data, settings) -> list[int]:
+def dry_run(space, data, settings: Settings) -> list[int]:
     """Print every configuration's model; returns their parameter counts."""
     print(f"{space.path}: valid; {data.name} input {'x'.join(map(str, data.input_shape))}, {data.n_classes} classes")
     counts, broken = [], []

@@ -24,6 +24,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalStorage
 
+from pipeline import names
 from pipeline.study import MAX_RETRY
 from pipeline.tracking import close_dead_runs
 
@@ -33,8 +34,8 @@ RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 
 def mark_owner(trial: optuna.Trial) -> None:
     """Record which process runs the trial, so a journal study can tell when it died."""
-    trial.set_user_attr("worker_host", HOST)
-    trial.set_user_attr("worker_pid", os.getpid())
+    trial.set_user_attr(names.WORKER_HOST, HOST)
+    trial.set_user_attr(names.WORKER_PID, os.getpid())
 
 
 def _alive(pid: int) -> bool:
@@ -50,8 +51,8 @@ def _alive(pid: int) -> bool:
 def orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """RUNNING trials whose owner process on this host is gone."""
     def gone(trial):
-        pid = trial.user_attrs.get("worker_pid")
-        return trial.user_attrs.get("worker_host") == HOST and pid not in (None, os.getpid()) and not _alive(pid)
+        pid = trial.user_attrs.get(names.WORKER_PID)
+        return trial.user_attrs.get(names.WORKER_HOST) == HOST and pid not in (None, os.getpid()) and not _alive(pid)
 
     return [t for t in study.get_trials(deepcopy=False, states=(RUNNING,)) if gone(t)]
 

@@ -1,12 +1,14 @@
 """Refit the best trial on the whole train split, then score it once on the test split.
 
 The best trial (in a multi-objective study: the Pareto trial the `select` rule picks, see
-pipeline/pareto.py) is refit for the epochs it actually needed (its best epoch).
-Only here is the held-out test split opened. Results go to the study's parent run:
-`best_<metric>`, `test_accuracy`, `test_{precision,recall,f1}_macro`, per-class scores,
-the classification report (text and JSON) and confusion matrices (PNG, pipeline.report),
-and the models (pipeline.serving): the Keras model, and a pyfunc that answers with class
-names, registered as `registered_model_name` (a new version per refit).
+pipeline/best.py) is refit for the epochs it actually needed (its best epoch), printing a
+line per epoch and logging its `train_*` metrics per epoch to the study's parent run.
+Only here is the held-out test split opened. Results go to the parent run: the training
+and test data as MLflow datasets, `best_<metric>`, `test_accuracy`,
+`test_{precision,recall,f1}_macro`, per-class scores, the classification report (text and
+JSON) and confusion matrices (PNG, pipeline.report), and the models (pipeline.serving): the
+Keras model, and a pyfunc that answers with class names, registered as
+`registered_model_name` (a new version per refit).
 """
 
 from __future__ import annotations
@@ -14,21 +16,13 @@ from __future__ import annotations
 import optuna
 from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
 
-from pipeline.errors import PipelineError
-from pipeline.pareto import select_trial
+from pipeline import names
+from pipeline.best import best_trial
+from pipeline.config import Settings
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
-from pipeline.tracking import log_metrics
-from pipeline.train import fit_full
-
-
-def best_trial(study: optuna.Study, settings) -> optuna.trial.FrozenTrial:
-    if settings.multi_objective:
-        return select_trial(study, settings)
-    try:
-        return study.best_trial
-    except ValueError:
-        raise PipelineError(f"study {study.study_name!r} has no complete trial to refit") from None
+from pipeline.tracking import Tracker, log_datasets, log_metrics
+from pipeline.train import EpochLines, fit_full
 
 
 def score(y_true, y_pred, class_names: list[str]) -> tuple[dict, dict, str]:
@@ -53,23 +47,31 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def refit_and_test(study: optuna.Study, data, settings, tracker) -> dict:
+def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker) -> dict:
     """Refit the best configuration, open the test split once, log everything to the parent."""
     best = best_trial(study, settings)
-    params = best.user_attrs["params"]
-    epochs = int(best.user_attrs["epochs_needed"])
+    params = best.user_attrs[names.PARAMS]
+    epochs = int(best.user_attrs[names.EPOCHS_NEEDED])
+    client, run_id = tracker.client, tracker.parent_run_id
     print(f"refit: trial {best.number} ({settings.metric}={best.values[0]:.4f}) for {epochs} epoch(s) "
-          f"on all {len(data.y_train)} training images")
-    model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs, seed=settings.seed)
+          f"on all {len(data.y_train)} training images", flush=True)
+    # the parent's epochs continue across refits, so a second refit's curve follows the first's
+    offset = len(client.get_metric_history(run_id, "train_loss"))
+    callbacks = [tracker.epoch_logger(run_id, offset), EpochLines("refit", epochs)]
+    with tracker.system_metrics(run_id, resume=True):
+        model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs,
+                         seed=settings.seed, callbacks=callbacks)
+    tracker.flush(run_id)
 
     x_test, y_test = data.test.open()
+    log_datasets(client, run_id, [(data.lineage(data.x_train, data.y_train), "training"),
+                                  (data.lineage(x_test, y_test), "test")])
     probabilities = model.predict(x_test, verbose=0, batch_size=256)
     y_pred = probabilities.argmax(axis=1)
     metrics, report, report_text = score(y_test, y_pred, data.class_names)
     metrics[f"best_{settings.metric}"] = best.values[0]
     metrics["refit_epochs"] = epochs
 
-    client, run_id = tracker.client, tracker.parent_run_id
     log_metrics(client, run_id, metrics)
     client.set_tag(run_id, "best_trial_number", str(best.number))
     if settings.multi_objective:

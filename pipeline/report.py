@@ -30,6 +30,8 @@ import optuna.visualization as plotly_vis  # noqa: E402
 import optuna.visualization.matplotlib as mpl_vis  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
+from pipeline import names  # noqa: E402
+
 log = logging.getLogger(__name__)
 COMPLETE = optuna.trial.TrialState.COMPLETE
 STUDY_PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
@@ -90,6 +92,11 @@ def _write_plot(name: str, study: optuna.Study, folder: Path) -> None:
     target = _target(name, study)
     with warnings.catch_warnings(), plt.style.context("ggplot"):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # The plots of a small study are sketches by nature; these caveats would print on
+        # every report: PED-ANOVA's importances from few trials per value, and matplotlib's
+        # flat axis when every trial scored the same.
+        warnings.filterwarnings("ignore", "Some regimes for parameter", UserWarning)
+        warnings.filterwarnings("ignore", "Attempting to set identical low and high ylims", UserWarning)
         getattr(plotly_vis, f"plot_{name}")(study, **target).write_html(folder / f"{name}.html",
                                                                       include_plotlyjs=INCLUDE_PLOTLYJS)
         fig = np.atleast_1d(getattr(mpl_vis, f"plot_{name}")(study, **target)).flat[0].figure
@@ -106,7 +113,7 @@ def trials_table(study: optuna.Study, path: Path) -> Path:
         frame = pd.DataFrame(columns=["number", "state", "value", "duration"])
     table = frame[[c for c in frame.columns if not c.startswith("user_attrs_")]].copy()
     table["duration"] = pd.to_timedelta(table["duration"]).dt.total_seconds()  # running trials: empty
-    for attr in ("epochs_run", "mlflow_run_id"):
+    for attr in (names.EPOCHS_RUN, names.MLFLOW_RUN_ID):
         if f"user_attrs_{attr}" in frame:
             table[attr] = frame[f"user_attrs_{attr}"]
     table.to_csv(path, index=False)

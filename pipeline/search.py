@@ -2,7 +2,8 @@
 
 `Objective` holds the data (split once, in memory) and per trial: records which process
 runs it, closes the MLflow runs of trials whose worker died, samples params from the space,
-opens the trial's MLflow run, trains each fold with pruning and logging callbacks, and
+opens the trial's MLflow run (with the training and validation rows as its datasets),
+trains each fold with pruning and logging callbacks, and
 returns the mean validation score, followed by the parameter count and/or the measured
 inference latency per image in a multi-objective study. The test split is never touched here.
 
@@ -21,11 +22,13 @@ import numpy as np
 import optuna
 from optuna_integration import KerasPruningCallback
 
+from pipeline import names
+from pipeline.config import Settings
 from pipeline.model import latency_ms
 from pipeline.recover import mark_owner, recover
 from pipeline.study import COUNTED, counted_trials, deadline
 from pipeline.terminal import progress_bar
-from pipeline.tracking import log_metrics
+from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, train, validation_splits
 
 LATENCY_IMAGES = 256  # validation images timed for `latency_ms`
@@ -53,10 +56,13 @@ class FoldPruning(KerasPruningCallback):
 class Objective:
     """`callbacks`: extra Keras callbacks for every fit (a timer, say), after the pipeline's own."""
 
-    def __init__(self, data, space, settings, tracker, callbacks=()):
+    def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=()):
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
         self.extra_callbacks = list(callbacks)
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
+        x, y = data.x_train, data.y_train
+        self.inputs = [(data.lineage(x, y, rows), context) for split in self.splits
+                       for rows, context in ((split.train_rows, "training"), (split.val_rows, "validation"))]
 
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
@@ -65,14 +71,15 @@ class Objective:
         params = self.space.sample(trial)
         if s.batch_size:  # the opt-in override (a GPU wants larger batches) is what trains
             params["batch_size"] = s.batch_size
-        trial.set_user_attr("params", params)
+        trial.set_user_attr(names.PARAMS, params)
         with self.tracker.trial_run(trial, params) as run_id:
+            log_datasets(self.tracker.client, run_id, self.inputs)
             folds, keep = [], KeepModel()
             for k, split in enumerate(self.splits):
                 offset = k * s.epochs
                 callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
                 if s.pruning:
-                    callbacks.append(FoldPruning(trial, s.metric, offset, prune="warm_start" not in trial.user_attrs))
+                    callbacks.append(FoldPruning(trial, s.metric, offset, prune=names.WARM_START not in trial.user_attrs))
                 callbacks += self.extra_callbacks
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,
@@ -84,22 +91,22 @@ class Objective:
                 raise ValueError(f"{s.metric} is {value}")
             summary = {
                 "trial_value": value,
-                "epochs_needed": int(round(float(np.median([f["epochs_needed"] for f in folds])))),
-                "epochs_run": int(sum(f["epochs_run"] for f in folds)),
+                names.EPOCHS_NEEDED: int(round(float(np.median([f["epochs_needed"] for f in folds])))),
+                names.EPOCHS_RUN: int(sum(f["epochs_run"] for f in folds)),
             }
-            if "latency_ms" in s.objective_names:
-                summary["latency_ms"] = latency_ms(keep.model, self.data.x_train[self.splits[0].val_rows[:LATENCY_IMAGES]])
+            if names.LATENCY_MS in s.objective_names:
+                summary[names.LATENCY_MS] = latency_ms(keep.model, self.data.x_train[self.splits[0].val_rows[:LATENCY_IMAGES]])
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
             log_metrics(self.tracker.client, run_id, summary)
-            trial.set_user_attr("params_count", folds[0]["params_count"])  # the metric: EpochLogger
+            trial.set_user_attr(names.PARAMS_COUNT, folds[0]["params_count"])  # the metric: EpochLogger
         if not s.multi_objective:
             return value
-        extra = {"params": folds[0]["params_count"], "latency_ms": summary.get("latency_ms")}
+        extra = {"params": folds[0]["params_count"], names.LATENCY_MS: summary.get(names.LATENCY_MS)}
         return (value, *(float(extra[name]) for name in s.objective_names[1:]))
 
 
-def run_search(study: optuna.Study, objective: Objective, settings) -> None:
+def run_search(study: optuna.Study, objective: Objective, settings: Settings) -> None:
     """Spend the study's global trial budget (shared by all workers) before the study-wide
     deadline: no trial starts after it; one running at it finishes (or is pruned)."""
     recover(study, objective.tracker.client, objective.tracker.experiment_id)
@@ -119,7 +126,7 @@ def run_search(study: optuna.Study, objective: Objective, settings) -> None:
     gc.collect()
     gc.freeze()
     try:
-        with progress_bar(study, settings) as bar:
+        with progress_bar(study, settings, until) as bar:
             # Optuna's timeout counts from here: the seconds left to the deadline, read last
             # (the set-up above can take longer than the margin)
             seconds = None if until is None else max(0.0, until - time.time() - DEADLINE_MARGIN)

@@ -10,14 +10,16 @@ registered in the MLflow model registry, one version per refit, so
     curl -X POST localhost:5000/invocations -H 'Content-Type: application/json' \
          -d '{"inputs": [[[[0], ...]]]}'      # -> {"predictions": [{"class": "3", ...}]}
 
-answers over REST. The example input travels as `model_input_example.json` beside the
-models: `log_model(..., input_example=...)` crashes for Keras in mlflow 3.17 (mlflow
-issue 16183), so the models are logged with an explicit signature instead.
+answers over REST. The pyfunc is logged as a "model from code" (pipeline/served_model.py,
+no pickled object) with its input example; the Keras model is logged with an explicit
+signature only, since `mlflow.keras.log_model(..., input_example=...)` crashes in mlflow 3.17
+(mlflow issue 16183).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import tempfile
 from pathlib import Path
 
@@ -49,18 +51,19 @@ def predictions_frame(probabilities: np.ndarray, class_names: list[str]) -> pd.D
 
 
 class ClassNameModel(mlflow.pyfunc.PythonModel):
-    """Pyfunc around the Keras model: raw pixels in, class names and probabilities out."""
-
-    def __init__(self, class_names: list[str]):
-        self.class_names = list(class_names)
+    """Pyfunc around the Keras model: raw pixels in, class names and probabilities out. Its
+    artifacts: the saved Keras model and `class_names.json`."""
 
     def load_context(self, context):
         import keras
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
+        self.class_names = json.loads(Path(context.artifacts["class_names"]).read_text())["class_names"]
 
-    def predict(self, context, model_input, params=None):
-        pixels = np.asarray(model_input, dtype="uint8")  # the signature already checked the dtype
+    def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
+        # An ndarray hint: MLflow validates the input against the logged signature (uint8
+        # pixels of the trained shape) and infers no schema from the hint itself.
+        pixels = np.asarray(model_input, dtype="uint8")
         return predictions_frame(self.model.predict(pixels, verbose=0), self.class_names)
 
 
@@ -84,17 +87,19 @@ def log_models(model, example: np.ndarray, class_names: list[str], run_id: str, 
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.keras.log_model(model, name="keras_model", signature=infer_signature(example, probabilities),
                                pip_requirements=_pinned(SERVING_PACKAGES))
-        keras_file = Path(tmp) / "model.keras"
+        keras_file, names_file = Path(tmp) / "model.keras", Path(tmp) / "class_names.json"
         model.save(keras_file)
+        names_file.write_text(json.dumps({"class_names": list(class_names)}))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ClassNameModel(class_names),
-            artifacts={"keras_model": str(keras_file)},
+            python_model=str(PACKAGE_DIR / "served_model.py"),
+            artifacts={"keras_model": str(keras_file), "class_names": str(names_file)},
             code_paths=[str(PACKAGE_DIR)],
             signature=infer_signature(example, predictions_frame(probabilities, class_names)),
+            input_example=example,
             pip_requirements=_pinned(SERVING_PACKAGES),
             registered_model_name=registered_name,
         )
         mlflow.log_dict({"inputs": example.tolist()}, "model_input_example.json")
-        mlflow.log_dict({"class_names": list(class_names)}, "class_names.json")
+        mlflow.log_artifact(str(names_file))
     return info

@@ -26,7 +26,9 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from pipeline.errors import PipelineError
-from pipeline.tracking import mask
+from pipeline import names
+from pipeline.config import Settings
+from pipeline.names import mask
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)
 GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead
@@ -35,7 +37,6 @@ TPE_STARTUP = 5  # random trials before TPE models the study (Optuna's default, 
 PRUNE_AFTER = 2  # epochs every trial trains before the median pruner may stop it (slow starters survive)
 DRIVERS = {"postgresql://": "postgresql+psycopg2://", "mysql://": "mysql+pymysql://"}  # the pinned ones
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-DEADLINE_ATTR = "deadline"  # study user attr: epoch seconds after which no trial starts
 
 
 def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
@@ -78,7 +79,7 @@ def make_pruner(name: str, epochs: int, folds: int):
     return optuna.pruners.NopPruner()
 
 
-def identity(settings, space) -> dict:
+def identity(settings: Settings, space) -> dict:
     """What a study is: reusing it with other values would mix incomparable trials."""
     return {"dataset": settings.dataset, "search_space": space.digest, "metric": settings.metric,
             "direction": settings.direction, "cv_folds": settings.cv_folds,
@@ -124,7 +125,14 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
-def join_study(settings, space, *, create: bool = True) -> tuple[optuna.Study, bool]:
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """`tpe` (the default), or `random`: the tutorial's randomized search, for comparison."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return TrialSeededSampler(seed)
+
+
+def join_study(settings: Settings, space, *, create: bool = True) -> tuple[optuna.Study, bool]:
     """Create the study or load it (`create=False`: it must exist) and say whether this call
     created it: of several workers starting at once exactly one does. Refuse to reuse a study
     with a different identity (dataset, space, metric, direction, folds, objectives).
@@ -132,7 +140,8 @@ def join_study(settings, space, *, create: bool = True) -> tuple[optuna.Study, b
     storage = make_storage(settings.storage, settings.heartbeat_interval, settings.grace_period)
     name = settings.study
     pruner = make_pruner(settings.pruner if settings.pruning else "none", settings.epochs, settings.cv_folds)
-    kwargs = dict(study_name=name, storage=storage, sampler=TrialSeededSampler(settings.seed), pruner=pruner)
+    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings.sampler, settings.seed),
+                  pruner=pruner)
     created = False
     try:
         if create:
@@ -159,7 +168,7 @@ def join_study(settings, space, *, create: bool = True) -> tuple[optuna.Study, b
     return study, created
 
 
-def open_study(settings, space, *, create: bool = True) -> optuna.Study:
+def open_study(settings: Settings, space, *, create: bool = True) -> optuna.Study:
     """`join_study` without the flag."""
     return join_study(settings, space, create=create)[0]
 
@@ -174,6 +183,6 @@ def deadline(study: optuna.Study, timeout: int) -> float | None:
     now + timeout, stored in the study, and read back by every later worker and resume."""
     if not timeout:
         return None
-    if DEADLINE_ATTR not in study.user_attrs:
-        study.set_user_attr(DEADLINE_ATTR, time.time() + timeout)
-    return float(study.user_attrs[DEADLINE_ATTR])
+    if names.DEADLINE not in study.user_attrs:
+        study.set_user_attr(names.DEADLINE, time.time() + timeout)
+    return float(study.user_attrs[names.DEADLINE])

@@ -1,43 +1,49 @@
 """MLflow tracking: one parent run per study, one nested run per trial.
 
 The parent run's id lives in the study's user attributes (`mlflow_parent_run_id`), so every
-worker and every resume finds the same parent. Under `mlflow run`, MLFLOW_RUN_ID names the
-project's run: it becomes the parent of a new study, or, when the study already has a parent,
-a worker run nested under it. All calls go through an explicit `MlflowClient` and run ids,
-so no fluent "active run" state can make a trial overwrite its parent.
+worker and every resume finds the same parent. It is named after the study (also under
+`mlflow run`, whose run it becomes), and its experiment is marked as a model-training one
+(`mlflow.experimentKind`), so the MLflow UI opens it on its runs. Under `mlflow run`,
+MLFLOW_RUN_ID names the project's run: it becomes the parent of a new study, or, when the
+study already has a parent, a worker run nested under it. All calls go through an explicit
+`MlflowClient` and run ids, so no fluent "active run" state can make a trial overwrite its parent.
 
 When several workers start on a fresh study at once, only the one that created the study
 makes the parent; the others wait for its id to appear. A trial's run ends with the trial:
 FINISHED, FAILED, or KILLED on Ctrl-C/SIGTERM, with the tag `pipeline.fail_reason`; the
 run of a trial whose worker died is closed by `close_dead_runs` (see `pipeline.recover`).
+The `baselines` command uses the same `Tracker` without a study: one parent, one child run
+per baseline. Runs that train or test log their data as MLflow datasets (`log_datasets`), and
+with `system_metrics=1` MLflow's own CPU/memory/GPU monitor samples each trial and refit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
-import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import mlflow
+import numpy as np
 import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import prefixed
+from pipeline import names
+from pipeline.config import Settings
+from pipeline.data import Lineage
+from pipeline.names import mask, prefixed
 
-PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its parent run
 FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
-_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
-
-
-def mask(url: str) -> str:
-    """Hide the password of a storage URL: postgresql://u:secret@h/db -> postgresql://u:***@h/db."""
-    return _PASSWORD.sub(r"\1***\3", url)
+DESCRIPTION = "mlflow.note.content"  # the run page's Markdown description
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on "Training runs"
+SYSTEM_METRICS_INTERVAL = 5  # seconds between samples of `system_metrics=1` (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
@@ -61,7 +67,7 @@ def _client() -> MlflowClient:
 def _wait_for_parent(study: optuna.Study, timeout: float = PARENT_WAIT) -> str | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if stored := study.user_attrs.get(PARENT_ATTR):
+        if stored := study.user_attrs.get(names.PARENT_RUN):
             return stored
         time.sleep(0.2)
     return None
@@ -91,6 +97,34 @@ def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: st
     return sorted(closed)
 
 
+def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, str]]) -> None:
+    """Log (dataset, context) pairs as the run's MLflow dataset inputs, in one round trip:
+    name, digest and source, rows and image shape in the profile, classes as an input tag.
+    Only this description is stored: no image leaves the process."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    def source(where: str):
+        if where.startswith(("http://", "https://")):
+            return HTTPDatasetSource(where)
+        if where.startswith("/"):
+            return FileSystemDatasetSource(where)
+        return CodeDatasetSource(tags={"loader": where})
+
+    entries = []
+    for lineage, context in inputs:
+        # a read-only view of the right shape: MLflow profiles shapes only, the digest is ours
+        features = np.broadcast_to(np.zeros(lineage.shape, np.uint8), (lineage.rows, *lineage.shape))
+        dataset = from_numpy(features, source=source(lineage.source), targets=np.zeros(lineage.rows, np.int32),
+                             name=lineage.name, digest=lineage.digest)
+        tags = [InputTag("mlflow.data.context", context), InputTag("classes", str(lineage.classes))]
+        entries.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+    client.log_inputs(run_id, datasets=entries)
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
     """Several metrics (step 0) in one store round trip."""
     now = int(time.time() * 1000)
@@ -110,7 +144,7 @@ class EpochLogger(keras.callbacks.Callback):
         self.pending = []
 
     def on_train_begin(self, logs=None):
-        self.client.log_metric(self.run_id, "params_count", self.model.count_params(), step=self.offset)
+        self.client.log_metric(self.run_id, names.PARAMS_COUNT, self.model.count_params(), step=self.offset)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -136,43 +170,59 @@ def project_run_id() -> str | None:
     return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
-def new_parent_run(client: MlflowClient, experiment_name: str, run_name: str, project_run: str | None) -> str:
-    """`project_run` when `mlflow run` opened one, else a new run in `experiment_name`."""
-    if project_run:
-        return project_run
-    experiment = mlflow.set_experiment(experiment_name)
-    return client.create_run(experiment.experiment_id, run_name=run_name).info.run_id
+def _child_tags(parent_run_id: str, device: str, **tags) -> dict:
+    return {"mlflow.parentRunId": parent_run_id, **({"device": device} if device else {}), **tags}
 
 
 class Tracker:
-    """Finds or makes the study's parent run and makes the trial runs under it."""
+    """The MLflow side of one process: the parent run (of a study, or of the `baselines`
+    command when `study` is None), this worker's run under `mlflow run`, and child runs."""
 
-    def __init__(self, study: optuna.Study, settings, *, wait_for_parent: bool = False, device: str = ""):
-        """`wait_for_parent`: another worker has just created the study (see
-        `pipeline.study.join_study`) and is about to store its parent run id: wait for it.
-        `device`: which device trains, tagged on the parent, worker and trial runs."""
+    def __init__(self, settings: Settings, study: optuna.Study | None = None, *, run_name: str = "",
+                 wait_for_parent: bool = False, device: str = ""):
+        """`run_name`: the parent's name (default: the study's). `wait_for_parent`: another
+        worker has just created the study (see `pipeline.study.join_study`) and is about to
+        store its parent run id: wait for it. `device`: which device trains, tagged on the
+        parent, worker and child runs."""
         self.client = _client()
-        self.device = device
-        self.study = study
-        self.settings = settings
-        project_run = project_run_id()
-        stored = study.user_attrs.get(PARENT_ATTR) or (_wait_for_parent(study) if wait_for_parent else None)
-        self.worker_run_id = None
+        self.settings, self.study, self.device = settings, study, device
         self._loggers: dict[str, list[EpochLogger]] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-log")
+        self.worker_run_id = None
+        project_run = project_run_id()
+        stored = None
+        if study is not None:
+            stored = study.user_attrs.get(names.PARENT_RUN) or (_wait_for_parent(study) if wait_for_parent else None)
         if stored and _run_exists(self.client, stored):
             self.parent_run_id = stored
             if project_run and project_run != stored:
                 self.worker_run_id = project_run
-                self.client.set_tag(project_run, "mlflow.parentRunId", stored)
-                self.client.set_tag(project_run, "pipeline.role", "worker")
+                for k, v in {"mlflow.parentRunId": stored, "pipeline.role": "worker",
+                             "mlflow.runName": f"worker-{socket.gethostname()}-{os.getpid()}"}.items():
+                    self.client.set_tag(project_run, k, v)
         else:
-            self.parent_run_id = new_parent_run(self.client, settings.experiment_name, study.study_name, project_run)
-            study.set_user_attr(PARENT_ATTR, self.parent_run_id)
-        self.experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
-        self._describe_parent()
+            if project_run:
+                self.parent_run_id = project_run
+            else:
+                experiment = mlflow.set_experiment(settings.experiment_name)
+                self.parent_run_id = self.client.create_run(experiment.experiment_id).info.run_id
+            if study is not None:
+                study.set_user_attr(names.PARENT_RUN, self.parent_run_id)
+        parent = self.client.get_run(self.parent_run_id)
+        self.experiment_id = parent.info.experiment_id
+        name = run_name or study.study_name
+        if parent.info.run_name != name:  # also renames the run `mlflow run` made up
+            self.client.update_run(self.parent_run_id, name=name)
+        experiment = self.client.get_experiment(self.experiment_id)
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user chose stays
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+        if self.device:
+            for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
+                self.client.set_tag(run_id, "device", self.device)
+        if study is not None:
+            self._describe_parent(parent)
 
-    def _describe_parent(self):
+    def _describe_parent(self, run):
         s = self.settings
         tags = {
             "optuna.study_name": self.study.study_name,
@@ -186,10 +236,6 @@ class Tracker:
             tags["pruning"] = "off: Optuna does not prune multi-objective studies"
         for k, v in tags.items():
             self.client.set_tag(self.parent_run_id, k, v)
-        if self.device:
-            for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
-                self.client.set_tag(run_id, "device", self.device)
-        run = self.client.get_run(self.parent_run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.parent_run_id, status="RUNNING")
         # Params are write-once in MLflow: log the study-defining ones only on first sight.
@@ -204,44 +250,84 @@ class Tracker:
     def nest_under(self) -> str:
         return self.worker_run_id or self.parent_run_id
 
+    def describe(self, markdown: str) -> None:
+        """Set the parent run's Markdown description (the run page's Description)."""
+        self.client.set_tag(self.parent_run_id, DESCRIPTION, markdown)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, *, resume: bool = False):
+        """MLflow's system-metrics monitor on `run_id` while the block runs (`system_metrics=1`)."""
+        if not self.settings.system_metrics:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop line per run
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, resume_logging=resume)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def _open(self, run_name: str, tags: dict, params: dict) -> str:
+        run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+        return run_id
+
+    @contextlib.contextmanager
+    def child_run(self, run_name: str, params: dict, **tags):
+        """A run nested under the parent: FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM."""
+        run_id = self._open(run_name, _child_tags(self.nest_under, self.device, **tags), params)
+        try:
+            with self.system_metrics(run_id):
+                yield run_id
+        except BaseException as e:
+            self.end(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.end(run_id, "FINISHED")
+
     @contextlib.contextmanager
     def trial_run(self, trial: optuna.Trial, params: dict):
         """A nested MLflow run for one trial; its end state mirrors the trial's."""
-        tags = {
-            "mlflow.parentRunId": self.nest_under,
-            "optuna.study_name": self.study.study_name,
-            "optuna.trial_number": str(trial.number),
-            "optuna.trial_state": "RUNNING",
-            **({"device": self.device} if self.device else {}),
-        }
-        if "warm_start" in trial.user_attrs:
-            tags["warm_start"] = trial.user_attrs["warm_start"]
-        run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.number}", tags=tags).info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        self.client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+        tags = {"optuna.study_name": self.study.study_name, "optuna.trial_number": str(trial.number),
+                "optuna.trial_state": "RUNNING"}
+        if names.WARM_START in trial.user_attrs:
+            tags["warm_start"] = trial.user_attrs[names.WARM_START]
+        run_id = self._open(f"trial-{trial.number}", _child_tags(self.nest_under, self.device, **tags), params)
+        trial.set_user_attr(names.MLFLOW_RUN_ID, run_id)
         try:
-            yield run_id
+            with self.system_metrics(run_id):
+                yield run_id
         except optuna.TrialPruned:
-            self.end_trial(run_id, "PRUNED", "FINISHED")
+            self.end(run_id, "FINISHED", "PRUNED")
             raise
         except Exception as e:
-            self.end_trial(run_id, "FAIL", "FAILED", f"{type(e).__name__}: {e}")
+            self.end(run_id, "FAILED", "FAIL", f"{type(e).__name__}: {e}")
             raise
         except BaseException as e:  # Ctrl-C, or SIGTERM (pipeline.cli makes it a KeyboardInterrupt)
             reason = f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt) else type(e).__name__
-            trial.set_user_attr("fail_reason", reason)
-            self.end_trial(run_id, "FAIL", "KILLED", reason)
+            trial.set_user_attr(names.FAIL_REASON, reason)
+            self.end(run_id, "KILLED", "FAIL", reason)
             raise
         else:
-            self.end_trial(run_id, "COMPLETE", "FINISHED")
+            self.end(run_id, "FINISHED", "COMPLETE")
 
     def close_dead_runs(self) -> list[int]:
         return close_dead_runs(self.client, self.study, self.experiment_id)
 
-    def end_trial(self, run_id: str, state: str, status: str, reason: str | None = None):
+    def flush(self, run_id: str) -> None:
+        """Return once every epoch logged to `run_id` so far is in the store."""
         for logger in self._loggers.pop(run_id, []):
-            logger.wait()  # every epoch's metrics are in the store before the run ends
-        end_run(self.client, run_id, state, status, reason)
+            logger.wait()
+
+    def end(self, run_id: str, status: str, state: str | None = None, reason: str | None = None):
+        """End a child run once its epochs are in the store; `state`: the trial's, for a trial."""
+        self.flush(run_id)
+        if state is None:
+            self.client.set_terminated(run_id, status=status)
+        else:
+            end_run(self.client, run_id, state, status, reason)
 
     def epoch_logger(self, run_id: str, step_offset: int = 0) -> EpochLogger:
         logger = EpochLogger(self.client, run_id, step_offset, self._writer)
@@ -256,5 +342,5 @@ class Tracker:
             return
         if self.worker_run_id:
             self.client.set_terminated(self.worker_run_id, status=status)
-        if not self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if self.study is None or not self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             self.client.set_terminated(self.parent_run_id, status=status)

@@ -13,6 +13,7 @@ and `epochs_run`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import keras
@@ -20,6 +21,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from pipeline.model import build_model
+from pipeline.names import prefixed
 
 
 class Images:
@@ -78,9 +80,21 @@ class KeepModel(keras.callbacks.Callback):
     scores): after `train`, `.model` holds it with early stopping's best weights restored."""
 
 
-def prefixed(logs: dict) -> dict:
-    """Keras log names -> ours: `accuracy` -> `train_accuracy`, `val_*` unchanged."""
-    return {(k if k.startswith("val_") else f"train_{k}"): float(v) for k, v in logs.items()}
+class EpochLines(keras.callbacks.Callback):
+    """Prints one line per epoch (`<label> epoch 3/12: 41.2 s, train_loss 1.2345, ...`), so a
+    long fit without a progress bar (the refit) shows where it is."""
+
+    def __init__(self, label: str, epochs: int):
+        super().__init__()
+        self.label, self.epochs = label, epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in prefixed(logs or {}).items())
+        print(f"{self.label} epoch {epoch + 1}/{self.epochs}: {time.perf_counter() - self._start:.1f} s, {scores}",
+              flush=True)
 
 
 def train(

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import optuna
 
+from pipeline import names
 from pipeline.errors import PipelineError
 from pipeline.space import SearchSpace, load_space, read_yaml
 
-ATTR = "warm_start_enqueued"  # study user attr: {name: params} of the configurations already enqueued
 
 
 def read_file(path: str | Path) -> tuple[Path, dict]:
@@ -71,11 +71,11 @@ def enqueue(study: optuna.Study, configs: dict) -> list[str]:
     The names enqueued are recorded in the study, so a resume or another worker does not
     enqueue them again; `skip_if_exists` also skips a configuration already tried or waiting.
     """
-    done = dict(study.user_attrs.get(ATTR, {}))
+    done = dict(study.user_attrs.get(names.WARM_STARTED, {}))
     new = [name for name, params in configs.items() if done.get(name) != params]
     for name in new:
-        study.enqueue_trial(configs[name], user_attrs={"warm_start": name}, skip_if_exists=True)
+        study.enqueue_trial(configs[name], user_attrs={names.WARM_START: name}, skip_if_exists=True)
         done[name] = configs[name]
     if new:
-        study.set_user_attr(ATTR, done)
+        study.set_user_attr(names.WARM_STARTED, done)
     return new

@@ -21,12 +21,12 @@ from pipeline.config import Settings
 from pipeline.dry_run import configurations, dry_run
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
-from pipeline.pareto import front, select_trial
-from pipeline.search import Objective, run_search
+from pipeline import names
+from pipeline.best import best_trial, front
+from pipeline.core import run_study
 from pipeline.space import load_space
-from pipeline.study import DEADLINE_ATTR, open_study
-from pipeline.tracking import PARENT_ATTR, Tracker
-from pipeline.warm_start import ATTR, enqueue, load_configurations
+from pipeline.study import open_study
+from pipeline.warm_start import enqueue, load_configurations
 
 SEED_BEST = str(ROOT / "search_spaces" / "seed_best.yaml")
 BASELINES = str(ROOT / "search_spaces" / "baselines.yaml")
@@ -76,7 +76,7 @@ def test_multi_objective_search_logs_the_pareto_front_and_refits_by_the_select_r
     for t in study.trials:
         assert t.values[1] == t.user_attrs["params_count"] == build_model(t.user_attrs["params"], (8, 8, 1), 10).count_params()
 
-    parent = study.user_attrs[PARENT_ATTR]
+    parent = study.user_attrs[names.PARENT_RUN]
     client = MlflowClient()
     assert client.get_run(parent).data.tags["pruning"].startswith("off")
     artifacts = {a.path for a in client.list_artifacts(parent)}
@@ -89,10 +89,10 @@ def test_multi_objective_search_logs_the_pareto_front_and_refits_by_the_select_r
 
     smallest = min(pareto, key=lambda t: t.values[1])
     most_accurate = max(pareto, key=lambda t: t.values[0])
-    assert select_trial(study, s).number == most_accurate.number  # default: the most accurate
+    assert best_trial(study, s).number == most_accurate.number  # default: the most accurate
     rule = s.replace(select=f"max_params={smallest.values[1]:.0f}")
     with pytest.raises(PipelineError, match=r"select='max_params=\d+': no Pareto trial has params <= \d+"):
-        select_trial(study, s.replace(select=f"max_params={smallest.values[1] - 1:.0f}"))
+        best_trial(study, s.replace(select=f"max_params={smallest.values[1] - 1:.0f}"))
 
     metrics = run("refit", rule, data=digits)
     assert f"Pareto trial picked by select={rule.select}: #{smallest.number}" in capsys.readouterr().out
@@ -106,7 +106,7 @@ def test_latency_objective_is_measured_per_image(settings, digits):
     s = settings.replace(objectives="val_accuracy,latency_ms", epochs=1, n_trials=1)
     space = load_space(s.search_space)
     study = open_study(s, space)
-    run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
+    run_study("search", s, digits, space)
     trial = study.trials[0]
     assert trial.state.name == "COMPLETE"
     assert trial.values[1] == trial.user_attrs["latency_ms"] > 0
@@ -127,7 +127,7 @@ def test_warm_start_trials_run_first_with_the_given_params_and_only_once(setting
     assert first.user_attrs["params"] == expected and first.user_attrs["warm_start"] == "tutorial_best"
     assert MlflowClient().get_run(first.user_attrs["mlflow_run_id"]).data.tags["warm_start"] == "tutorial_best"
     assert "warm_start" not in study.trials[1].user_attrs
-    assert study.user_attrs[ATTR] == {"tutorial_best": expected}
+    assert study.user_attrs[names.WARM_STARTED] == {"tutorial_best": expected}
 
     run("search", s.replace(n_trials=3), data=digits)  # resume: not enqueued again
     assert "already enqueued" in capsys.readouterr().out
@@ -147,7 +147,7 @@ def test_warm_start_trials_report_to_the_pruner_but_are_never_pruned(tmp_path, s
     for _ in range(3):
         study.enqueue_trial({"learning_rate": 0.003})
     enqueue(study, {"hopeless": space.complete({"learning_rate": 1e-9})})
-    run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
+    run_study("search", s, digits, space)
     last = study.trials[3]
     assert last.user_attrs["warm_start"] == "hopeless" and last.state.name == "COMPLETE"
     assert sorted(last.intermediate_values) == [0, 1], "it reported every epoch"
@@ -187,7 +187,7 @@ def test_deadline_holds_across_two_workers(tmp_path, settings, digits, capsys):
     store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.journal"))
     for _ in range(600):
         if a.poll() is not None or ("race" in optuna.get_all_study_names(store)
-                                    and DEADLINE_ATTR in optuna.load_study(study_name="race", storage=store).user_attrs):
+                                    and names.DEADLINE in optuna.load_study(study_name="race", storage=store).user_attrs):
             break
         time.sleep(0.2)
     run("search", s, data=digits)  # worker B
@@ -195,7 +195,7 @@ def test_deadline_holds_across_two_workers(tmp_path, settings, digits, capsys):
     assert a.returncode == 0, err_a[-2000:]
 
     study = optuna.load_study(study_name="race", storage=store)
-    deadline = study.user_attrs[DEADLINE_ATTR]
+    deadline = study.user_attrs[names.DEADLINE]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline))
     assert f"no trial starts after {stamp}" in out_a and f"no trial starts after {stamp}" in capsys.readouterr().out
     trials = study.trials

@@ -23,10 +23,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.recover import HOST
-from pipeline.search import Objective, run_search
+from pipeline import names
+from pipeline.core import run_study
 from pipeline.space import load_space
 from pipeline.study import counted_trials, make_storage, open_study
-from pipeline.tracking import FAIL_REASON, PARENT_ATTR, Tracker
+from pipeline.tracking import FAIL_REASON
 
 TINY_SPACE = """\
 depth: 1
@@ -179,7 +180,7 @@ def test_three_workers_share_one_study_within_the_global_budget(workers, storage
 
     runs = runs_of("dist")
     parents = [r for r in runs if r.data.tags.get("pipeline.role") == "study"]
-    assert [p.info.run_id for p in parents] == [study.user_attrs[PARENT_ATTR]], "one parent run per study"
+    assert [p.info.run_id for p in parents] == [study.user_attrs[names.PARENT_RUN]], "one parent run per study"
     by_number = trial_runs()
     assert sorted(by_number) == [t.number for t in study.trials]
     assert all(len(rs) == 1 for rs in by_number.values()), "exactly one MLflow run per trial number"
@@ -256,7 +257,7 @@ def test_ctrl_c_and_sigterm_kill_the_running_trial_and_the_study_resumes(sqlite_
         assert MlflowClient().get_run(parent_id).info.status == "KILLED"
 
     study = w.study()
-    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"] and study.user_attrs[PARENT_ATTR] == parent_id
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"] and study.user_attrs[names.PARENT_RUN] == parent_id
     assert sorted(trial_runs()) == [0, 1] and all(len(rs) == 1 for rs in trial_runs().values())
 
 
@@ -276,7 +277,7 @@ def test_a_worker_starting_on_a_journal_study_recovers_trials_of_dead_processes(
     alive.set_user_attr("worker_host", HOST)
     alive.set_user_attr("worker_pid", os.getppid())
 
-    run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
+    run_study("search", s, digits, space)
     states = [t.state.name for t in study.trials]
     assert states == ["FAIL", "RUNNING", "COMPLETE"]
     assert study.trials[2].system_attrs["failed_trial"] == 0 and study.trials[2].params == study.trials[0].params
@@ -288,14 +289,12 @@ def test_a_search_runs_on_mysql_and_the_password_stays_out_of_mlflow(tmp_path, s
     s = settings.replace(storage=url, search_space=space_file, n_trials=3, epochs=2, pruner="median")
     space = load_space(space_file)
     study = open_study(s, space)
-    tracker = Tracker(study, s)
-    run_search(study, Objective(digits, space, s, tracker), s)
-    tracker.finish()
+    run_study("search", s, digits, space)
 
     study = optuna.load_study(study_name=s.study, storage=make_storage(url))
     assert counted_trials(study) == 3 and study.best_trial.state.name == "COMPLETE"
     assert all(len(t.intermediate_values) >= 1 for t in study.trials), "every epoch was reported"
-    parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
+    parent = MlflowClient().get_run(study.user_attrs[names.PARENT_RUN])
     assert parent.data.params["storage"] == url.replace(password, "***")
     assert password.encode() not in (tmp_path / "mlflow.db").read_bytes()
     assert password not in capsys.readouterr().out

@@ -11,11 +11,10 @@ from conftest import runs_of
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import run
-from pipeline.refit import refit_and_test
-from pipeline.search import Objective, run_search
+from pipeline import names
+from pipeline.core import run_study
 from pipeline.space import load_space
 from pipeline.study import PRUNE_AFTER, open_study
-from pipeline.tracking import PARENT_ATTR, Tracker
 
 
 def test_main_nests_trials_under_one_parent_and_scores_the_test_split(settings, digits):
@@ -26,7 +25,7 @@ def test_main_nests_trials_under_one_parent_and_scores_the_test_split(settings, 
         assert key in metrics
 
     study = optuna.load_study(study_name="test-study", storage=settings.storage)
-    parent_id = study.user_attrs[PARENT_ATTR]
+    parent_id = study.user_attrs[names.PARENT_RUN]
     runs = runs_of("test-experiment")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
@@ -65,11 +64,10 @@ def test_main_nests_trials_under_one_parent_and_scores_the_test_split(settings, 
 def test_test_split_stays_sealed_until_the_refit(settings, digits):
     space = load_space(settings.search_space)
     study = open_study(settings, space)
-    tracker = Tracker(study, settings)
-    run_search(study, Objective(digits, space, settings, tracker), settings)
+    run_study("search", settings, digits, space)
     assert len(study.trials) == 3
     assert not digits.test.opened, "the search must not read the test split"
-    refit_and_test(study, digits, settings, tracker)
+    run_study("refit", settings, digits, space)
     assert digits.test.opened
 
 
@@ -94,15 +92,14 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
     study = open_study(s, space)
     for lr in (0.003, 0.003, 0.003, 1e-9):
         study.enqueue_trial({"learning_rate": lr})
-    tracker = Tracker(study, s)
-    run_search(study, Objective(digits, space, s, tracker), s)
+    outcome = run_study("search", s, digits, space)
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     pruned = study.trials[3]
     assert max(pruned.intermediate_values) == PRUNE_AFTER, "pruned after the third epoch of the first fold"
     child = MlflowClient().get_run(pruned.user_attrs["mlflow_run_id"])
     assert child.data.tags["optuna.trial_state"] == "PRUNED"
-    assert child.data.tags["mlflow.parentRunId"] == tracker.parent_run_id
+    assert child.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
     assert child.data.metrics["params_count"] > 0, "a pruned trial has its parameter count too"
 
 
@@ -110,7 +107,7 @@ def test_cross_validation_scores_each_trial_by_the_mean_over_folds(tmp_path, set
     s = settings.replace(search_space=write_space(tmp_path, "0.003"), n_trials=1, cv_folds=3, pruner="none")
     space = load_space(s.search_space)
     study = open_study(s, space)
-    run_search(study, Objective(digits, space, s, Tracker(study, s)), s)
+    run_study("search", s, digits, space)
     trial = study.trials[0]
     assert trial.state.name == "COMPLETE"
     history = MlflowClient().get_metric_history(trial.user_attrs["mlflow_run_id"], "val_accuracy")

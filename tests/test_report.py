@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipeline.config import Settings
 from pipeline.report import STUDY_PLOTS, study_plots, trials_table
-from pipeline.tracking import PARENT_ATTR
+from pipeline import names
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -52,7 +52,7 @@ def finished(tmp_path_factory, _digits):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             metrics = run("main", settings, data=data)
         study = optuna.load_study(study_name="report-study", storage=settings.storage)
-        parent = MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
+        parent = MlflowClient().get_run(study.user_attrs[names.PARENT_RUN])
         yield dict(settings=settings, study=study, parent=parent, stdout=out.getvalue(), stderr=err.getvalue(), metrics=metrics,
                    uri=uri, data=data, tmp=tmp)
         mlflow.set_tracking_uri(None)

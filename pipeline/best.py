@@ -1,0 +1,50 @@
+"""Which trial is best: the one function that picks the trial to refit (and to show).
+
+A single-objective study's best trial; in a multi-objective study, the Pareto trial that
+`select` picks: `select=max_params=50000` (and/or `max_latency_ms=...`) keeps the Pareto
+trials within every limit, then takes the best by the metric; no rule means the best by the
+metric.
+"""
+
+from __future__ import annotations
+
+import optuna
+
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+
+
+def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto-optimal complete trials, by trial number."""
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTrial:
+    """The trial to refit; a one-line error when there is none (or no Pareto trial meets `select`)."""
+    if not settings.multi_objective:
+        try:
+            return study.best_trial
+        except ValueError:
+            raise PipelineError(f"study {study.study_name!r} has no complete trial to refit") from None
+    trials = front(study)
+    if not trials:
+        raise PipelineError(f"study {study.study_name!r} has no complete trial to refit")
+    objectives = settings.objective_names
+    for name, limit in settings.select_rules.items():
+        i = objectives.index(name)
+        within = [t for t in trials if t.values[i] <= limit]
+        if not within:
+            smallest = min(trials, key=lambda t: t.values[i])
+            raise PipelineError(f"select={settings.select!r}: no Pareto trial has {name} <= {limit:g} "
+                                f"(the smallest is {smallest.values[i]:g}, trial {smallest.number})")
+        trials = within
+    sign = 1 if settings.direction == "maximize" else -1
+    return max(trials, key=lambda t: (sign * t.values[0], -t.number))
+
+
+def best_or_none(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTrial | None:
+    """`best_trial`, or None while there is none (progress bars and summaries)."""
+    try:
+        return best_trial(study, settings)
+    except PipelineError:
+        return None

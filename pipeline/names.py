@@ -1,0 +1,38 @@
+"""Names every layer shares, and the string helpers that go with them. Imports nothing.
+
+Trial user attributes (set by the search, read by the refit, reports and recovery), study
+user attributes, the metric prefixes (`train_`, `val_`, `test_`), and the masked form of a
+storage URL (no password reaches a log line, a param or a tag).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Trial user attributes
+PARAMS = "params"  # the full params dict the model was built from (fixed settings included)
+EPOCHS_NEEDED = "epochs_needed"  # best epoch, 1-based (median over CV folds): what the refit trains
+EPOCHS_RUN = "epochs_run"  # epochs trained, all folds together
+PARAMS_COUNT = "params_count"
+LATENCY_MS = "latency_ms"
+WARM_START = "warm_start"  # name of the warm-start configuration the trial was enqueued from
+MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow run
+FAIL_REASON = "fail_reason"  # why the trial failed (Ctrl-C, SIGTERM)
+WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"  # the process that runs the trial
+
+# Study user attributes
+PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
+DEADLINE = "deadline"  # epoch seconds after which no trial starts
+WARM_STARTED = "warm_start_enqueued"  # {name: params} of the configurations already enqueued
+
+_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+
+
+def mask(url: str) -> str:
+    """Hide the password of a URL: postgresql://u:secret@h/db -> postgresql://u:***@h/db."""
+    return _PASSWORD.sub(r"\1***\3", url)
+
+
+def prefixed(logs: dict) -> dict:
+    """Keras log names -> ours: `accuracy` -> `train_accuracy`, `val_*` unchanged."""
+    return {(k if k.startswith("val_") else f"train_{k}"): float(v) for k, v in logs.items()}
