@@ -26,6 +26,7 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test_accuracy=" in result.stdout
+    assert "oneDNN" not in result.stderr and "Warning" not in result.stderr, result.stderr[-3000:]
 
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
@@ -33,6 +34,8 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "digits-seed", "named after the study, not mlflow run's made-up name"
+    assert "registered model | digits-seed, version 1" in parent.data.tags["mlflow.note.content"]
     assert parent.data.tags["mlflow.project.entryPoint"] == "main"  # the run `mlflow run` opened
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 == len(runs) - 1
