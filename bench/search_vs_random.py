@@ -30,13 +30,16 @@ from common import ROOT, result_line, temp_stores
 
 import optuna  # noqa: E402
 
+from pipeline import names  # noqa: E402
+from pipeline.config import Settings  # noqa: E402
+
 
 def epochs_spent(trial: optuna.trial.FrozenTrial) -> int:
     """Epochs a trial trained: its own count, or the steps it reported before pruning."""
-    return int(trial.user_attrs.get("epochs_run", len(trial.intermediate_values)))
+    return int(trial.user_attrs.get(names.EPOCHS_RUN, len(trial.intermediate_values)))
 
 
-def run_side(data, space, settings) -> dict:
+def run_side(data, space, settings: Settings) -> dict:
     from pipeline.core import run_study
 
     start = time.perf_counter()
@@ -83,7 +86,7 @@ def write_trials(path: str, results: dict) -> None:
                 end = (t.datetime_complete - t0).total_seconds() if t.datetime_complete else ""
                 steps = " ".join(f"{v:.4f}" for _, v in sorted(t.intermediate_values.items()))
                 out.writerow([side, t.number, t.state.name, t.value, epochs_spent(t),
-                              (t.datetime_start - t0).total_seconds(), end, steps, t.user_attrs.get("params")])
+                              (t.datetime_start - t0).total_seconds(), end, steps, t.user_attrs.get(names.PARAMS)])
 
 
 def main(argv=None) -> dict:
@@ -99,7 +102,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--trials-csv", default="", help="write every trial (params, state, value, epochs, times) here")
     args = ap.parse_args(argv)
 
-    from pipeline.config import Settings
     from pipeline.data import HeldOut, load_dataset
     from pipeline.device import set_threads
     from pipeline.space import load_space
