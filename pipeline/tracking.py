@@ -3,7 +3,8 @@
 The parent run's id lives in the study's user attributes (`mlflow_parent_run_id`), so every
 worker and every resume finds the same parent. It is named after the study (also under
 `mlflow run`, whose run it becomes), and its experiment is marked as a model-training one
-(`mlflow.experimentKind`), so the MLflow UI opens it on its runs. Under `mlflow run`,
+(`mlflow.experimentKind`; MLflow 3.17's UI still follows its own GenAI / Model training
+switch, which the URL `pipeline.terminal.runs_page` prints sets). Under `mlflow run`,
 MLFLOW_RUN_ID names the project's run: it becomes the parent of a new study, or, when the
 study already has a parent, a worker run nested under it. All calls go through an explicit
 `MlflowClient` and run ids, so no fluent "active run" state can make a trial overwrite its parent.
@@ -42,7 +43,7 @@ from pipeline.names import mask, prefixed
 PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its parent run
 FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
 DESCRIPTION = "mlflow.note.content"  # the run page's Markdown description
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on "Training runs"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Machine learning" kind
 SYSTEM_METRICS_INTERVAL = 5  # seconds between samples of `system_metrics=1` (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
 
 

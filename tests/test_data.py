@@ -31,13 +31,17 @@ def test_digits_is_uint8_images_with_sealed_test_split():
     assert not data.test.opened
 
 
-def test_folder_with_train_and_test_splits(tmp_path):
+def test_folder_with_train_and_test_splits(tmp_path, capsys):
     write_images(tmp_path / "train", n=6)
     write_images(tmp_path / "test", n=2, suffix=".jpg")
     data = load_dataset(str(tmp_path))
     assert data.class_names == ["cat", "dog"]
     assert data.x_train.shape == (12, 12, 12, 3) and data.x_train.dtype == np.uint8
     assert len(data.test) == 4 and sorted(set(data.y_train)) == [0, 1]
+    assert data.source == str(tmp_path.resolve())
+    out = capsys.readouterr().out
+    assert f"loading dataset {tmp_path}" in out, "a user waiting for a load knows what it reads"
+    assert f"loaded {tmp_path.name}: 12 train / 4 test images of 12x12x3, 2 classes, in " in out
 
 
 def test_flat_folder_gets_stratified_seeded_split(tmp_path):

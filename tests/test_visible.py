@@ -146,3 +146,4 @@ def test_the_console_of_a_main_run_has_progress_and_no_warning(tmp_path):
     assert "oneDNN" not in result.stderr and "warning" not in result.stderr.lower(), result.stderr
     assert "to the deadline" in result.stderr, "the bar counts down to the study's deadline"
     assert "refit epoch 1/1: " in result.stdout and "test_accuracy=" in result.stdout
+    assert "#/experiments/1?workflowType=machine_learning" in result.stdout, "the UI link opens on the runs"
