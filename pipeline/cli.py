@@ -63,7 +63,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     Bad settings, space files, warm-start files and data fail here, before any study or run
     is touched.
     """
-    from pipeline.data import load_dataset
+    from pipeline.data import check_splittable, load_dataset
     from pipeline.device import configure, set_threads
     from pipeline.space import load_space
     from pipeline.warm_start import load_configurations
@@ -79,6 +79,8 @@ def run(command: str, settings: Settings, data=None) -> dict:
         raise PipelineError(f"only={settings.only!r}: names configurations of warm_start, which is not set")
     if data is None:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
+    if command in (*SEARCHES, "baselines"):
+        check_splittable(data, settings.cv_folds if command in SEARCHES else 1)
     device = configure(settings)  # precision; names the device for the MLflow tags
 
     if command == "space":

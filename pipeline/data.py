@@ -106,7 +106,22 @@ def _split(x, y, seed: int):
     return x_tr, y_tr, x_te, y_te
 
 
+def check_splittable(data: Dataset, cv_folds: int) -> None:
+    """Refuse a train split whose every class cannot reach both sides of the stratified
+    validation split (2 images) or every CV fold (`cv_folds` images)."""
+    need = max(2, cv_folds)
+    counts = np.bincount(data.y_train, minlength=data.n_classes)
+    for name, count in zip(data.class_names, counts):
+        if count < need:
+            rule = f"cv_folds={cv_folds} needs" if cv_folds > 1 else "the validation split needs"
+            raise PipelineError(f"dataset {data.source or data.name}: class {name!r} has {count} training image(s); "
+                                f"{rule} at least {need} per class")
+
+
 def _make(name, x_tr, y_tr, x_te, y_te, classes, source) -> Dataset:
+    if len(classes) < 2:
+        raise PipelineError(f"dataset {source}: one class ({', '.join(map(repr, classes))}); "
+                            "a classifier needs at least 2")
     as_images = lambda x: np.ascontiguousarray(x.reshape(x.shape if x.ndim == 4 else (*x.shape, 1)), np.uint8)  # noqa: E731
     return Dataset(
         name,
@@ -261,6 +276,11 @@ def load_image_folder(root: Path, seed: int, image_size: int) -> Dataset:
         if x_te.shape[1:] != x.shape[1:]:
             raise PipelineError(f"{root}: train and test images differ in size; set image_size to resize them")
         return _make(root.name, x, y, x_te, y_te, classes, root.resolve())
+    counts = np.bincount(y, minlength=len(classes))
+    if len(classes) > 1 and counts.min() < 2:
+        small = classes[int(counts.argmin())]
+        raise PipelineError(f"{train_root / small}: {counts.min()} image; the seeded {TEST_FRACTION:.0%} test split "
+                            "needs at least 2 per class")
     return _make(root.name, *_split(x, y, seed), classes, root.resolve())
 
 

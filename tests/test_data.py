@@ -89,6 +89,42 @@ def test_bad_folders_give_one_line_errors(tmp_path, make, fragment):
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda root: write_images(root, classes=("cat",)), "one class ('cat'); a classifier needs at least 2"),
+        (lambda root: (write_images(root / "train", classes=("cat",)), write_images(root / "test", classes=("cat",))),
+         "one class ('cat')"),
+        (lambda root: (write_images(root, classes=("cat",)), write_images(root, classes=("dog",), n=1)),
+         "dog: 1 image; the seeded 20% test split needs at least 2 per class"),
+    ],
+    ids=["one-class", "one-class-with-splits", "class-too-small-for-the-test-split"],
+)
+def test_datasets_that_cannot_make_a_classifier_are_refused(tmp_path, make, fragment):
+    root = tmp_path / "images"
+    make(root)
+    with pytest.raises(PipelineError) as error:
+        load_dataset(str(root))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("cv_folds, fragment", [(1, "class 'dog' has 1 training image(s); the validation split needs "
+                                                     "at least 2 per class"),
+                                                 (3, "class 'dog' has 2 training image(s); cv_folds=3 needs at least 3")])
+def test_a_class_too_small_for_validation_or_folds_is_refused_before_any_run(tmp_path, cv_folds, fragment, capsys):
+    from pipeline.cli import main
+
+    write_images(tmp_path / "data" / "train", classes=("cat",), n=6)
+    write_images(tmp_path / "data" / "train", classes=("dog",), n=max(2, cv_folds) - 1)
+    write_images(tmp_path / "data" / "test", n=2)
+    store = tmp_path / "optuna.db"
+    code = main(["search", "--dataset", str(tmp_path / "data"), "--cv-folds", str(cv_folds),
+                 "--storage", f"sqlite:///{store}"])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and err.count("\n") == 1, err
+    assert not store.exists(), "refused before any study is made"
+
+
 def test_unknown_dataset_name():
     with pytest.raises(PipelineError, match="dataset='mnist': not a known dataset"):
         load_dataset("mnist")
