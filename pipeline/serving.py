@@ -57,6 +57,8 @@ class ClassNameModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
+        import pipeline.model  # noqa: F401  registers the custom layers (Cutout) the saved model may hold
+
         self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
 
     def predict(self, context, model_input, params=None):

@@ -94,6 +94,17 @@ dense: {units: {low: 10, high: 20}}
         (GOOD + "training: {optimizer: adagrad}\n", "key 'training.optimizer'"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("depth: {low: 1\n", "cannot read search space"),
+        (GOOD + "augment: {flip: 1}\n", "key 'augment.flip': expected bool"),
+        (GOOD + "augment: {translate: -2}\n", "key 'augment.translate': -2 must be >= 0 pixels"),
+        (GOOD + "augment: {cutout: 2.5}\n", "key 'augment.cutout': expected int"),
+        (GOOD + "augment: {rotate: 10}\n", "unknown key(s) ['rotate'] in 'augment'"),
+        (GOOD + "head: max\n", "key 'head': 'max' must be one of ('flatten', 'global_avg')"),
+        (GOOD.replace("pool_size: 2}", "pool_size: 2, residual: yes please}"), "key 'first_block.residual': expected bool"),
+        (GOOD + "training: {schedule: linear}\n", "key 'training.schedule': 'linear' must be one of"),
+        (GOOD + "training: {warmup: 1.0}\n", "key 'training.warmup': 1.0 must be in [0, 1)"),
+        (GOOD + "training: {label_smoothing: [0.1, 1.5]}\n", "key 'training.label_smoothing': 1.5 must be in [0, 1)"),
+        (GOOD + "training: {weight_decay: {low: -0.1, high: 0.1}}\n", "key 'training.weight_decay': -0.1 must be >= 0"),
+        (GOOD + "training: {momentum: 1}\n", "key 'training.momentum': 1 must be in [0, 1)"),
     ],
 )
 def test_broken_space_files_name_file_and_key(tmp_path, text, fragment):
