@@ -57,6 +57,8 @@ class ClassNameModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import keras
 
+        import pipeline.model  # noqa: F401  registers the custom layers (Cutout) the saved model may hold
+
         self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
         self.class_names = json.loads(Path(context.artifacts["class_names"]).read_text())["class_names"]
 

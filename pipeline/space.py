@@ -7,10 +7,14 @@ File format (see search_spaces/seed.yaml):
     later_blocks: {filters: [16, 32, 64], kernel_size: [3, 6, 9], pool_size: [2, 4]}
     dense: {units: {low: 50, high: 999}}
     training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
+    augment: {flip: true, translate: 2}   # optional: training-time augmentation
+    head: global_avg                      # optional: flatten (default) or global_avg
 
 Every setting is a fixed value, a list of choices, or a range `{low, high}` with optional
 `log: true` or `step`. Block settings are sampled per block that exists, as `conv<i>_<key>`;
-dense settings as `dense_<key>`; training settings by their own name.
+dense settings as `dense_<key>`; augment settings as `augment_<key>`; training settings and
+`head` by their own name. Keys in OPTIONAL_DEFAULTS are absent from the params of a space
+that does not name them, so older spaces keep their exact params.
 
     python -m pipeline space --search-space FILE    # validate and show sampled models
 """
@@ -29,23 +33,28 @@ from pipeline.errors import PipelineError
 
 OPTIMIZERS = ("adam", "adamw", "adadelta", "sgd", "nesterov", "rmsprop")
 POOLINGS = ("max", "avg")
+SCHEDULES = ("constant", "cosine", "onecycle")
+HEADS = ("flatten", "global_avg")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
 _RATE = (lambda v: 0 <= v < 1, "in [0, 1)")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FLAG = (lambda v: True, "")
 BLOCK_KEYS = {
     "filters": (int, *_POSITIVE),
     "kernel_size": (int, *_POSITIVE),
     "pool_size": (int, *_POSITIVE),
     "convs": (int, *_POSITIVE),
     "pooling": (str, lambda v: v in POOLINGS, f"one of {POOLINGS}"),
-    "batch_norm": (bool, lambda v: True, ""),
+    "batch_norm": (bool, *_FLAG),
     "dropout": (float, *_RATE),
     "conv_dropout": (float, *_RATE),
+    "residual": (bool, *_FLAG),
 }
 DENSE_KEYS = {
     "units": (int, *_POSITIVE),
-    "layers": (int, lambda v: v >= 0, ">= 0"),
+    "layers": (int, *_NON_NEGATIVE),
     "dropout": (float, *_RATE),
     "max_norm": (float, lambda v: v >= 0, ">= 0 (0 = none)"),
 }
@@ -53,17 +62,44 @@ TRAINING_KEYS = {
     "optimizer": (str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     "learning_rate": (float, lambda v: v > 0, "> 0"),
     "batch_size": (int, *_POSITIVE),
+    "schedule": (str, lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    "warmup": (float, *_RATE),
+    "label_smoothing": (float, *_RATE),
+    "weight_decay": (float, *_NON_NEGATIVE),
+    "momentum": (float, *_RATE),
 }
+AUGMENT_KEYS = {
+    "flip": (bool, *_FLAG),
+    "translate": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
+    "cutout": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
+}
+TOP_SETTINGS = {"head": (str, lambda v: v in HEADS, f"one of {HEADS}")}  # top-level keys that are settings
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
     "dense": {"units": 128, "layers": 1, "dropout": 0.0},
     "training": {"optimizer": "adam", "learning_rate": 0.001, "batch_size": 32},
+    "augment": {},
+    "top": {},
 }
 # Keys a space may name but that are absent from its params when it does not (so older spaces,
-# seed.yaml included, keep their exact params); the builder's defaults for them.
-OPTIONAL_DEFAULTS = {"block": {"conv_dropout": 0.0}, "dense": {"max_norm": 0.0}, "training": {}}
-SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS}
-TOP_KEYS = {"description", "depth", *SECTIONS}
+# seed.yaml included, keep their exact params); the builder's defaults for them. A callable
+# default depends on the params completed so far (momentum and weight decay on the optimizer:
+# pipeline.model.make_optimizer).
+OPTIONAL_DEFAULTS = {
+    "block": {"conv_dropout": 0.0, "residual": False},
+    "dense": {"max_norm": 0.0},
+    "training": {"schedule": "constant", "warmup": 0.0, "label_smoothing": 0.0,
+                 "weight_decay": lambda p: 0.004 if p.get("optimizer") == "adamw" else 0.0,
+                 "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
+    "augment": {"flip": False, "translate": 0, "cutout": 0},
+    "top": {"head": "flatten"},
+}
+SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
+            "augment": AUGMENT_KEYS}
+# sections other than the blocks: (kind in DEFAULTS, prefix of their params); "top" holds TOP_SETTINGS
+FLAT_SECTIONS = {"dense": ("dense", "dense_"), "training": ("training", ""), "augment": ("augment", "augment_"),
+                 "top": ("top", "")}
+TOP_KEYS = {"description", "depth", *TOP_SETTINGS, *SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -161,10 +197,9 @@ class SearchSpace:
         for i in range(1, params["depth"] + 1):
             for key, dim in self._block_dims(i).items():
                 params[f"conv{i}_{key}"] = dim.sample(trial, f"conv{i}_{key}")
-        for key, dim in self.sections["dense"].items():
-            params[f"dense_{key}"] = dim.sample(trial, f"dense_{key}")
-        for key, dim in self.sections["training"].items():
-            params[key] = dim.sample(trial, key)
+        for section, (_, prefix) in FLAT_SECTIONS.items():
+            for key, dim in self.sections[section].items():
+                params[f"{prefix}{key}"] = dim.sample(trial, f"{prefix}{key}")
         return params
 
     def _expected(self, depth: int) -> dict:
@@ -176,8 +211,8 @@ class SearchSpace:
         expected = {"depth": (self.depth, None)}
         for i in range(1, depth + 1):
             expected.update(section(self._block_dims(i), "block", f"conv{i}_"))
-        expected.update(section(self.sections["dense"], "dense", "dense_"))
-        expected.update(section(self.sections["training"], "training", ""))
+        for name, (kind, prefix) in FLAT_SECTIONS.items():
+            expected.update(section(self.sections[name], kind, prefix))
         return expected
 
     def complete(self, params: dict) -> dict:
@@ -192,8 +227,10 @@ class SearchSpace:
                 full[name] = params[name]
             elif dim.kind == "fixed":
                 full[name] = dim.value
-            elif default is not None and dim.contains(default):
-                full[name] = default
+            elif default is not None:
+                value = default(full) if callable(default) else default
+                if dim.contains(value):
+                    full[name] = value
         return {**full, **{k: v for k, v in params.items() if k not in full}}
 
     def violations(self, params: dict) -> list[str]:
@@ -259,5 +296,7 @@ def load_space(path: str | Path) -> SearchSpace:
                 raise PipelineError(f"{path}: missing key '{section}.{key}'")
         sections[section] = dims
     sections.setdefault("later_blocks", sections["first_block"])
+    sections["top"] = {key: _dim(raw[key], *TOP_SETTINGS[key], f"{path}: key '{key}'")
+                       for key in TOP_SETTINGS if key in raw}
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return SearchSpace(str(path), depth, sections, digest)

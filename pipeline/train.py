@@ -9,10 +9,14 @@ Callers pass callbacks (pruning, logging) in; early stopping on the monitored va
 metric is added here and the best epoch's weights are kept. The metrics returned are those
 of the best epoch, prefixed `train_` / `val_`, plus `epochs_needed` (best epoch, 1-based)
 and `epochs_run`.
+
+A learning-rate schedule (`schedule` param) spans the fit's epoch count: a trial's epoch
+cap (early stopping may end it before the rate reaches 0), the refit's own epochs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -75,6 +79,12 @@ def validation_splits(x, y, cv_folds: int, val_fraction: float, seed: int) -> li
     return [Split(images, tr, va) for tr, va in splitter.split(np.zeros(len(y)), y)]
 
 
+def scheduled_model(params: dict, input_shape: tuple, n_classes: int, train_images: int, epochs: int) -> keras.Model:
+    """`build_model` with the schedule spanning `epochs` passes over `train_images` images."""
+    steps_per_epoch = math.ceil(train_images / params.get("batch_size", 32))
+    return build_model(params, input_shape, n_classes, total_steps=epochs * steps_per_epoch)
+
+
 class KeepModel(keras.callbacks.Callback):
     """Hands the fitted model back to a caller that needs more than metrics (latency, test
     scores): after `train`, `.model` holds it with early stopping's best weights restored."""
@@ -112,7 +122,7 @@ def train(
 ) -> dict:
     """Fit a fresh model on `split` and return the best epoch's metrics."""
     keras.utils.set_random_seed(seed)
-    model = build_model(params, input_shape, n_classes)
+    model = scheduled_model(params, input_shape, n_classes, len(split.train_rows), epochs)
     mode = "max" if direction == "maximize" else "min"
     early = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
     batch_size = params.get("batch_size", 32)
@@ -134,7 +144,7 @@ def train(
 def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: int, seed: int = 42, callbacks=None):
     """Refit on the whole train split for a fixed number of epochs; returns the model."""
     keras.utils.set_random_seed(seed)
-    model = build_model(params, input_shape, n_classes)
+    model = scheduled_model(params, input_shape, n_classes, len(y), epochs)
     images = Images(x, y)
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
     model.fit(batches, epochs=epochs, callbacks=callbacks or [], shuffle=False, verbose=0)

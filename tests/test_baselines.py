@@ -18,16 +18,20 @@ from pipeline.train import Images, Split, train
 from pipeline.warm_start import load_configurations, read_file
 
 BASELINES = ROOT / "search_spaces" / "baselines.yaml"
-NAMES = ["toy_1conv", "toy_2conv", "toy_2conv_hidden", "toy_tuned", "lab_baseline", "lab_final", "vgg4", "vgg6"]
+NAMES = ["toy_1conv", "toy_2conv", "toy_2conv_hidden", "toy_tuned", "lab_baseline", "lab_final", "vgg4", "vgg6",
+         "resnet_small"]
 SPACE, CONFIGS = load_configurations(BASELINES)
 
 
 def test_every_baseline_is_valid_in_the_space_it_names():
     space_path, raw = read_file(BASELINES)
-    assert list(raw) == NAMES and space_path.resolve() == (ROOT / "search_spaces" / "wide.yaml").resolve()
-    wide = load_space(space_path)
+    assert list(raw) == NAMES and space_path.resolve() == (ROOT / "search_spaces" / "modern.yaml").resolve()
+    modern = load_space(space_path)
     for name in NAMES:
-        assert wide.violations(CONFIGS[name]) == [], name
+        assert modern.violations(CONFIGS[name]) == [], name
+    wide = load_space(ROOT / "search_spaces" / "wide.yaml")  # the published ones are wide.yaml's too
+    _, published = load_configurations(BASELINES, wide, [n for n in NAMES if n != "resnet_small"])
+    assert all(wide.violations(params) == [] for params in published.values())
     # the tutorial's best is the same configuration in the tutorial's own space
     seed = load_space(ROOT / "search_spaces" / "seed.yaml")
     _, best = load_configurations(ROOT / "search_spaces" / "seed_best.yaml", seed)
@@ -57,6 +61,15 @@ def test_baselines_build_the_published_architectures():
     assert [d.rate for d in vgg4.layers if isinstance(d, keras.layers.Dropout)] == [0.25, 0.25, 0.5]
     lab = build_model(CONFIGS["lab_baseline"], (32, 32, 3), 10)
     assert layer_kinds(lab)[-3:] == ["Dense", "Dense", "Dense"]
+
+    resnet = build_model(CONFIGS["resnet_small"], (32, 32, 3), 10)
+    kinds = layer_kinds(resnet)
+    assert kinds[:2] == ["RandomFlip", "RandomTranslation"] and kinds[-2:] == ["GlobalAveragePooling2D", "Dense"]
+    assert kinds.count("Add") == 3 and kinds.count("BatchNormalization") == 9  # 6 convs + 3 projections
+    projections = [la for la in resnet.layers if isinstance(la, keras.layers.Conv2D) and la.kernel_size == (1, 1)]
+    assert [p.filters for p in projections] == [32, 64, 128]
+    assert resnet.optimizer.nesterov and float(resnet.optimizer.momentum) == 0.9 and resnet.optimizer.weight_decay == 0.005
+    assert resnet.loss.label_smoothing == 0.2
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -155,7 +155,7 @@ def test_warm_start_trials_report_to_the_pruner_but_are_never_pruned(tmp_path, s
 
 def test_warm_start_outside_the_space_names_the_configuration(settings, digits):
     with pytest.raises(PipelineError) as error:
-        run("search", settings.replace(warm_start=BASELINES), data=digits)  # baselines need wide.yaml
+        run("search", settings.replace(warm_start=BASELINES), data=digits)  # baselines need modern.yaml
     assert "configuration 'toy_1conv' is outside search space" in str(error.value)
     assert "dense_layers=0 is outside the space" in str(error.value)
     assert optuna.get_all_study_names(settings.storage) == [], "nothing is created before the check"

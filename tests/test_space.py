@@ -94,6 +94,17 @@ dense: {units: {low: 10, high: 20}}
         (GOOD + "training: {optimizer: adagrad}\n", "key 'training.optimizer'"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         ("depth: {low: 1\n", "cannot read search space"),
+        (GOOD + "augment: {flip: 1}\n", "key 'augment.flip': expected bool"),
+        (GOOD + "augment: {translate: -2}\n", "key 'augment.translate': -2 must be >= 0 pixels"),
+        (GOOD + "augment: {cutout: 2.5}\n", "key 'augment.cutout': expected int"),
+        (GOOD + "augment: {rotate: 10}\n", "unknown key(s) ['rotate'] in 'augment'"),
+        (GOOD + "head: max\n", "key 'head': 'max' must be one of ('flatten', 'global_avg')"),
+        (GOOD.replace("pool_size: 2}", "pool_size: 2, residual: yes please}"), "key 'first_block.residual': expected bool"),
+        (GOOD + "training: {schedule: linear}\n", "key 'training.schedule': 'linear' must be one of"),
+        (GOOD + "training: {warmup: 1.0}\n", "key 'training.warmup': 1.0 must be in [0, 1)"),
+        (GOOD + "training: {label_smoothing: [0.1, 1.5]}\n", "key 'training.label_smoothing': 1.5 must be in [0, 1)"),
+        (GOOD + "training: {weight_decay: {low: -0.1, high: 0.1}}\n", "key 'training.weight_decay': -0.1 must be >= 0"),
+        (GOOD + "training: {momentum: 1}\n", "key 'training.momentum': 1 must be in [0, 1)"),
     ],
 )
 def test_broken_space_files_name_file_and_key(tmp_path, text, fragment):
@@ -121,3 +132,25 @@ def test_violations_name_the_setting():
     assert space.violations(params) == []
     assert space.violations({**params, "conv2_kernel_size": 5}) == ["conv2_kernel_size=5 is outside the space"]
     assert space.violations({**params, "depth": 7}) == ["depth=7 is outside the space"]
+
+
+def test_the_shipped_spaces_of_earlier_studies_are_unchanged():
+    """seed.yaml and wide.yaml keep their digests (existing studies resume) and their params
+    (the modern keys live in modern.yaml and cifar10.yaml only)."""
+    import optuna
+
+    legacy_block = {"convs", "pooling", "batch_norm", "dropout", "filters", "kernel_size", "pool_size"}
+    for name, digest, extra in (("seed", "e6ea6b67886c0815", set()),
+                                ("wide", "b6aca05c90b67cd5", {"conv_dropout"})):
+        space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+        assert space.digest == digest, name
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(20):
+            trial = study.ask()
+            params = space.sample(trial)
+            study.tell(trial, 0.0)
+            blocks = {k.split("_", 1)[1] for k in params if k.startswith("conv")}
+            assert blocks <= legacy_block | extra, name
+            assert set(params) - {k for k in params if k.startswith("conv")} <= {
+                "depth", "dense_units", "dense_layers", "dense_dropout", "dense_max_norm", "optimizer",
+                "learning_rate", "batch_size"}, name
