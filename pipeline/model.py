@@ -17,9 +17,8 @@ in float16, the output layer stays float32, and `compile` adds loss scaling itse
 
 from __future__ import annotations
 
-import time
-
 import math
+import time
 
 import keras
 import numpy as np
