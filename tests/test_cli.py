@@ -4,14 +4,17 @@ no traceback, and leaves what was recorded before intact."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+import weakref
 
 import optuna
 import pytest
 from conftest import ROOT
 
-from pipeline.cli import parse
+from pipeline.cli import interrupts, parse
 
 
 def pipeline(*args, env=None, cwd=ROOT):
@@ -64,3 +67,19 @@ def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri):
 def test_refit_of_a_missing_study_is_a_clear_error(tmp_path, tracking_uri):
     result = pipeline("refit", "--storage", f"sqlite:///{tmp_path}/o.db", "--study-name", "ghost")
     assert result.returncode == 2 and "study_name='ghost': no such study" in result.stderr
+
+
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, ""), (signal.SIGTERM, "SIGTERM")])
+def test_an_interrupt_dropped_in_a_finalizer_comes_again(sig, name):
+    """The handler may run inside a weakref callback of the garbage collector, where Python
+    drops its KeyboardInterrupt; the interrupt must still reach the main code."""
+
+    class Model:
+        pass
+
+    model = Model()
+    ref = weakref.ref(model, lambda _: signal.raise_signal(sig))  # the handler raises in the callback
+    with interrupts(), pytest.raises(KeyboardInterrupt) as raised:
+        del model
+        time.sleep(10)  # a training loop that would go on without the interrupt
+    assert ref() is None and str(raised.value) == name
