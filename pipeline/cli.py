@@ -23,7 +23,7 @@ import sys
 import threading
 
 from pipeline.config import Settings, fields
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, mask
 
 COMMANDS = {
     "main": "search, then refit the best configuration and score it on the test split",
@@ -188,8 +188,6 @@ def _recover(settings: Settings, space) -> dict:
 
 
 def _resume_hint(command: str, settings: Settings) -> str:
-    from pipeline.tracking import mask
-
     return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
             f"(and your other options), or the same `mlflow run` command")
 

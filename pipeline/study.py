@@ -25,8 +25,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
-from pipeline.errors import PipelineError
-from pipeline.tracking import mask
+from pipeline.errors import PipelineError, mask
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)
 GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead

@@ -20,10 +20,9 @@ import mlflow
 import optuna
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, mask
 from pipeline.pareto import select_trial
 from pipeline.study import counted_trials
-from pipeline.tracking import mask
 
 
 def _best(study: optuna.Study, settings) -> optuna.trial.FrozenTrial | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,17 +26,12 @@ import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import mask
 from pipeline.train import prefixed
 
 PARENT_ATTR = "mlflow_parent_run_id"
 PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its parent run
 FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
-_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
-
-
-def mask(url: str) -> str:
-    """Hide the password of a storage URL: postgresql://u:secret@h/db -> postgresql://u:***@h/db."""
-    return _PASSWORD.sub(r"\1***\3", url)
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:

@@ -83,3 +83,11 @@ def test_an_interrupt_dropped_in_a_finalizer_comes_again(sig, name):
         del model
         time.sleep(10)  # a training loop that would go on without the interrupt
     assert ref() is None and str(raised.value) == name
+
+
+def test_the_resume_hint_needs_neither_mlflow_nor_tensorflow():
+    """Ctrl-C may come while they are half imported, and importing them again then fails."""
+    code = ("import sys; from pipeline.cli import _resume_hint, parse; print(_resume_hint(*parse(['search']))); "
+            "print({'mlflow', 'tensorflow', 'keras', 'optuna'} & set(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("resume: python -m pipeline search") and out.endswith("set()\n"), out
