@@ -15,13 +15,10 @@ marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import os
-import signal
 import sys
-import threading
 
+from pipeline import interrupts
 from pipeline.config import Settings, fields
 from pipeline.errors import PipelineError, mask
 
@@ -56,43 +53,6 @@ def parse(argv: list[str]) -> tuple[str, Settings]:
 
 def _quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-RESEND_DELAY = 0.5  # seconds before a lost Ctrl-C/SIGTERM is sent again (see `_resend_lost_interrupt`)
-
-
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def _resend_lost_interrupt(previous_hook, unraisable):
-    """Python runs a signal handler wherever the main thread happens to be, also inside a
-    finalizer or weakref callback that the garbage collector runs (TensorFlow and SQLAlchemy
-    have many). An exception there cannot propagate: Python prints "Exception ignored in" and
-    drops it, and the trial would train on as if no signal had come. So send the signal again.
-    From a timer thread, a little later: sent from here, the handler would run, and raise,
-    inside this hook, where the exception is dropped as well."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-        return previous_hook(unraisable)
-    signum = signal.SIGTERM if str(unraisable.exc_value) == "SIGTERM" else signal.SIGINT
-    threading.Timer(RESEND_DELAY, os.kill, (os.getpid(), signum)).start()
-
-
-@contextlib.contextmanager
-def interrupts():
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt ("SIGTERM" for the latter) in the main
-    thread, and one dropped in a finalizer is raised again; the previous handlers come back
-    at the end."""
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _sigterm_as_interrupt),
-                # default_int_handler also when the process was started with SIGINT ignored
-                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
-    hook, sys.unraisablehook = sys.unraisablehook, functools.partial(_resend_lost_interrupt, sys.unraisablehook)
-    try:
-        yield
-    finally:
-        sys.unraisablehook = hook
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def run(command: str, settings: Settings, data=None) -> dict:
@@ -194,7 +154,7 @@ def _resume_hint(command: str, settings: Settings) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
-    with interrupts():
+    with interrupts.caught():
         return _main(argv)
 
 

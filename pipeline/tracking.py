@@ -221,7 +221,7 @@ class Tracker:
         except Exception as e:
             self.end_trial(run_id, "FAIL", "FAILED", f"{type(e).__name__}: {e}")
             raise
-        except BaseException as e:  # Ctrl-C, or SIGTERM (pipeline.cli makes it a KeyboardInterrupt)
+        except BaseException as e:  # Ctrl-C or SIGTERM (see pipeline.interrupts)
             reason = f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt) else type(e).__name__
             trial.set_user_attr("fail_reason", reason)
             self.end_trial(run_id, "FAIL", "KILLED", reason)
