@@ -15,10 +15,9 @@ marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
-from pipeline import names
+from pipeline import interrupts, names
 from pipeline.config import SEARCHES, Settings, fields
 from pipeline.errors import PipelineError
 from pipeline.names import mask
@@ -52,8 +51,6 @@ def parse(argv: list[str]) -> tuple[str, Settings]:
     return command, Settings(**args)
 
 
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def run(command: str, settings: Settings, data=None) -> dict:
@@ -123,8 +120,11 @@ def _resume_hint(command: str, settings: Settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    with interrupts.caught():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     command = settings = None
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)

@@ -25,9 +25,9 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
-from pipeline.errors import PipelineError
 from pipeline import names
 from pipeline.config import Settings
+from pipeline.errors import PipelineError
 from pipeline.names import mask
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)

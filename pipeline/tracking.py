@@ -306,7 +306,7 @@ class Tracker:
         except Exception as e:
             self.end(run_id, "FAILED", "FAIL", f"{type(e).__name__}: {e}")
             raise
-        except BaseException as e:  # Ctrl-C, or SIGTERM (pipeline.cli makes it a KeyboardInterrupt)
+        except BaseException as e:  # Ctrl-C or SIGTERM (see pipeline.interrupts)
             reason = f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt) else type(e).__name__
             trial.set_user_attr(names.FAIL_REASON, reason)
             self.end(run_id, "KILLED", "FAIL", reason)

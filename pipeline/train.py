@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
+from pipeline import interrupts
 from pipeline.model import build_model
 from pipeline.names import prefixed
 
@@ -85,6 +86,22 @@ def scheduled_model(params: dict, input_shape: tuple, n_classes: int, train_imag
     return build_model(params, input_shape, n_classes, total_steps=epochs * steps_per_epoch)
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Raises, after each batch, a Ctrl-C/SIGTERM whose first KeyboardInterrupt Python lost
+    (see `pipeline.interrupts`), so that a signalled worker never trains on.
+
+    Async-safe: Keras then keeps running batch-end callbacks in its thread pool instead of
+    waiting for each batch's logs; the KeyboardInterrupt raised there reaches the fit one
+    batch later, when Keras collects the finished calls."""
+
+    async_safe = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        interrupts.check()
+
+    on_test_batch_end = on_train_batch_end
+
+
 class KeepModel(keras.callbacks.Callback):
     """Hands the fitted model back to a caller that needs more than metrics (latency, test
     scores): after `train`, `.model` holds it with early stopping's best weights restored."""
@@ -130,7 +147,7 @@ def train(
         split.train_batches(batch_size, seed),
         validation_data=split.val_batches(batch_size),
         epochs=epochs,
-        callbacks=[*(callbacks or []), early],
+        callbacks=[*(callbacks or []), early, StopOnSignal()],
         shuffle=False,  # the train batches reshuffle themselves
         verbose=0,
     ).history
@@ -147,5 +164,5 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
     model = scheduled_model(params, input_shape, n_classes, len(y), epochs)
     images = Images(x, y)
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
-    model.fit(batches, epochs=epochs, callbacks=callbacks or [], shuffle=False, verbose=0)
+    model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal()], shuffle=False, verbose=0)
     return model

@@ -4,14 +4,18 @@ no traceback, and leaves what was recorded before intact."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import weakref
 
 import optuna
 import pytest
 from conftest import ROOT
 
+from pipeline import interrupts
 from pipeline.cli import parse
+from pipeline.train import train, validation_splits
 
 
 def pipeline(*args, env=None, cwd=ROOT):
@@ -64,3 +68,30 @@ def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri):
 def test_refit_of_a_missing_study_is_a_clear_error(tmp_path, tracking_uri):
     result = pipeline("refit", "--storage", f"sqlite:///{tmp_path}/o.db", "--study-name", "ghost")
     assert result.returncode == 2 and "study_name='ghost': no such study" in result.stderr
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost one
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_lost_in_a_finalizer_still_stops_training(digits, sig):
+    """The handler may run inside a weakref callback of the garbage collector, where Python
+    drops its KeyboardInterrupt; the next batch of a fit raises it again."""
+
+    class Model:
+        pass
+
+    model = Model()
+    ref = weakref.ref(model, lambda _: signal.raise_signal(sig))  # the handler raises in the callback
+    split = validation_splits(digits.x_train, digits.y_train, 1, 0.2, seed=0)[0]
+    params = {"depth": 1, "conv1_filters": 4, "conv1_kernel_size": 3, "conv1_pool_size": 2, "dense_units": 8}
+    with interrupts.caught(), pytest.raises(KeyboardInterrupt, match=f"^{sig.name}$"):
+        del model
+        assert ref() is None  # the interrupt is gone: training would go on for 1000 epochs
+        train(params, split, digits.input_shape, digits.n_classes, epochs=1000, patience=1000)
+
+
+def test_the_resume_hint_needs_neither_mlflow_nor_tensorflow():
+    """Ctrl-C may come while they are half imported, and importing them again then fails."""
+    code = ("import sys; from pipeline.cli import _resume_hint, parse; print(_resume_hint(*parse(['search']))); "
+            "print({'mlflow', 'tensorflow', 'keras', 'optuna'} & set(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("resume: python -m pipeline search") and out.endswith("set()\n"), out

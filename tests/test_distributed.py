@@ -102,15 +102,22 @@ class Workers:
                        "--experiment-name", "dist", "--heartbeat-interval", "1", "--grace-period", "3"]
 
     def start(self, *args, command="search") -> subprocess.Popen:
+        """A worker whose stacks `finish` can dump (faulthandler) when it does not end."""
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", command, *self.common, *args], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        argv = [sys.executable, "-X", "faulthandler", "-m", "pipeline", command, *self.common, *args]
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
         proc.log = log
         self.procs.append(proc)
         return proc
 
     def finish(self, proc, timeout=240) -> tuple[int, str]:
-        code = proc.wait(timeout=timeout)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # -X faulthandler: the log gets every thread's stack
+            proc.wait()
+            proc.log.seek(0)
+            raise AssertionError(f"worker still running after {timeout} s:\n{proc.log.read()}") from None
         proc.log.seek(0)
         return code, proc.log.read()
 
