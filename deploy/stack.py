@@ -17,11 +17,13 @@ with the literal `$PGPASSWORD` that the pipeline expands. The password is never 
 command line: the MLflow server reads it from PGPASSWORD too.
 
 `workers N` runs N `python -m pipeline search` processes (the arguments after `--`, plus
-`--storage` unless given) whose environment holds nothing of this machine but PATH and
-HOME: only the two URLs and the password, as a worker on another machine would. It waits
+`--storage` unless given) whose environment holds nothing of this machine but PATH, HOME
+and the project on PYTHONPATH: only the two URLs and the password, as a worker on another
+machine would. It waits
 for them (output in `<dir>/worker-<pid>.log`), Ctrl-C/SIGTERM stops them, and it exits
 with the first non-zero exit code. `down` stops the MLflow server and any worker still
-running (SIGTERM, then SIGKILL after `--wait` seconds).
+running (workers first, so that they end their runs: SIGTERM, then SIGKILL after `--wait`
+seconds).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: floa
         except OSError:
             pass
         time.sleep(0.5)
-    stop([server.pid])
+    stop([server.pid], group=True)
     fail(f"the MLflow server did not answer {url}/health within {timeout:.0f} s (stopped); log: {log}")
 
 
@@ -122,7 +124,7 @@ def up(args) -> None:
                "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
                "--host", args.host, "--port", str(args.port), "--workers", str(args.server_workers)]
     with open(log, "w") as out:  # its own session: it outlives `up`, and `down` stops its whole group
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        server = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                   env={**os.environ, "PGPASSWORD": password})
     state = {"server_pid": server.pid, "tracking_uri": url, "storage": with_password_variable(storage),
              "role": role, "admin": args.admin if role else None, "databases": [storage, backend] if role else []}
@@ -156,7 +158,7 @@ def read_env(folder: Path) -> dict:
 def workers(args) -> int:
     folder = Path(args.dir).resolve()
     state = read_state(folder)
-    env = {k: os.environ[k] for k in KEPT if k in os.environ}
+    env = {k: os.environ[k] for k in KEPT if k in os.environ} | {"PYTHONPATH": str(ROOT)}
     env.update({k: v for k, v in read_env(folder).items() if k != "OPTUNA_STORAGE"})
     extra = args.pipeline_args
     if "--storage" not in {a.split("=")[0] for a in extra}:
@@ -164,8 +166,8 @@ def workers(args) -> int:
     procs = []
     for _ in range(args.n):
         with tempfile.NamedTemporaryFile("w", dir=folder, prefix="starting-", delete=False) as log:
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "search", *extra], cwd=ROOT, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "search", *extra], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
         os.rename(log.name, folder / f"worker-{proc.pid}.log")  # named once the pid is known
         procs.append(proc)
         print(f"worker {proc.pid}: log {folder / f'worker-{proc.pid}.log'}", flush=True)
@@ -192,16 +194,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stop(groups: list[int], wait: float = 10) -> None:
-    """SIGTERM each process group, SIGKILL what is left after `wait` seconds."""
+def stop(pids: list[int], wait: float = 10, group: bool = False) -> None:
+    """SIGTERM each process (`group`: each process group), SIGKILL what is left after `wait` seconds."""
+    send = os.killpg if group else os.kill
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in groups:
+        for pid in pids:
             try:
-                os.killpg(pid, sig)
+                send(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + wait
-        while any(_alive(pid) for pid in groups) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
@@ -221,11 +224,8 @@ def _worker_pids(folder: Path) -> list[int]:
 def down(args) -> None:
     folder = Path(args.dir).resolve()
     state = read_state(folder)
-    for pid in _worker_pids(folder):
-        os.kill(pid, signal.SIGTERM)
-    stop([state["server_pid"]], args.wait)
-    for pid in _worker_pids(folder):
-        os.kill(pid, signal.SIGKILL)
+    stop(_worker_pids(folder), args.wait)  # first: they end their runs on the server
+    stop([state["server_pid"]], args.wait, group=True)
     if args.drop and state["role"]:
         import psycopg2
 

@@ -56,7 +56,7 @@ class Stack:
         self.uri, self.password = self.env["MLFLOW_TRACKING_URI"], self.env["PGPASSWORD"]
         self.storage = self.env["OPTUNA_STORAGE"]
         self.common = ["--study-name", "drill", "--experiment-name", "drill", "--search-space", str(space_file),
-                       "--n-trials", str(BUDGET), "--heartbeat-interval", "1", "--grace-period", "3"]
+                       "--n-trials", str(BUDGET), "--heartbeat-interval", "1", "--grace-period", "3", "--threads", "1"]
 
     def workers(self, n: int, *args) -> tuple[subprocess.Popen, list[int]]:
         """`stack.py workers n -- ...` in its own process group; returns it and its workers' pids."""
@@ -67,7 +67,9 @@ class Stack:
         return proc, pids
 
     def study(self) -> optuna.Study:
-        return optuna.load_study(study_name="drill", storage=make_storage(self.storage))
+        """The drill's study (KeyError until a worker creates it); one storage, reused."""
+        self._storage = getattr(self, "_storage", None) or make_storage(self.storage)
+        return optuna.load_study(study_name="drill", storage=self._storage)
 
     def logs(self) -> str:
         return "\n".join(p.read_text() for p in self.folder.glob("*.log"))
@@ -104,17 +106,22 @@ def stack(tmp_path, monkeypatch):
             subprocess.run([*STACK, "down", "--dir", str(folder), "--drop", "--wait", "5"], timeout=60)
 
 
-def wait_until_training(s: Stack, pid: int, timeout: float = 150) -> optuna.trial.FrozenTrial:
-    """The trial worker `pid` runs, once its MLflow run on the server has logged an epoch."""
+def wait_for_trial(s: Stack, pid: int, training: bool = True, timeout: float = 150) -> optuna.trial.FrozenTrial:
+    """A trial of worker `pid`: RUNNING, once its MLflow run on the server has logged an epoch
+    (`training`), or any trial it started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             study = s.study()
         except KeyError:  # not created yet
             study = None
-        for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if study else []:
+        for trial in study.get_trials() if study else []:
             run_id = trial.user_attrs.get(names.MLFLOW_RUN_ID)
-            if trial.user_attrs.get(names.WORKER_PID) == pid and run_id:
+            if trial.user_attrs.get(names.WORKER_PID) != pid or not run_id:
+                continue
+            if not training:
+                return trial
+            if trial.state.name == "RUNNING":
                 run = MlflowClient().get_run(run_id)
                 if run.info.status == "RUNNING" and "val_accuracy" in run.data.metrics:
                     return trial
@@ -126,22 +133,25 @@ def wait_until_training(s: Stack, pid: int, timeout: float = 150) -> optuna.tria
 def test_the_stack_survives_killed_workers_and_serves_the_refit_model(stack, tmp_path):
     s = stack
     victims, (killed, stopped) = s.workers(2, *LONG)
-    survivor, _ = s.workers(1, *SHORT)
-    killed_trial, stopped_trial = wait_until_training(s, killed), wait_until_training(s, stopped)
+    killed_trial, stopped_trial = wait_for_trial(s, killed), wait_for_trial(s, stopped)
+    survivor, (third,) = s.workers(1, *SHORT)  # joins once the others hold their long trials
+    wait_for_trial(s, third, training=False)
     os.kill(killed, signal.SIGKILL)
     os.kill(stopped, signal.SIGTERM)
+    joined, _ = s.workers(1, *SHORT)
     out = victims.communicate(timeout=60)[0]
     assert f"worker {killed}: exit code -9" in out and f"worker {stopped}: exit code 143" in out, out
-    joined, _ = s.workers(1, *SHORT)
     for proc in (survivor, joined):
         out = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, out + s.logs()[-3000:]
 
     refit_env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "MLFLOW_TRACKING_URI": s.uri,
                  "PGPASSWORD": s.password}
-    refit = subprocess.run([sys.executable, "-m", "pipeline", "refit", *s.common, "--storage", s.storage], cwd=ROOT,
-                           env=refit_env, capture_output=True, text=True, timeout=300)
+    refit = subprocess.run([sys.executable, "-m", "pipeline", "refit", *s.common, "--storage", s.storage,
+                            "--system-metrics", "1"], cwd=ROOT, env=refit_env, capture_output=True, text=True,
+                           timeout=300)
     assert refit.returncode == 0, refit.stdout + refit.stderr
+    assert f"browse the runs:  {s.uri}/#/experiments/" in refit.stdout, "the server's own UI"
 
     # Optuna: the budget holds, nothing is left running, the SIGKILLed trial was retried
     study = s.study()
