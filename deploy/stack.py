@@ -34,6 +34,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,8 @@ def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            fail(f"the MLflow server exited with code {server.returncode}; its log {log} ends:\n"
-                 + log.read_text()[-3000:])
+            fail(f"the MLflow server exited with code {server.returncode} (`down --drop` cleans up); "
+                 f"its log {log} ends:\n" + log.read_text()[-3000:])
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
                 if answer.status == 200:
@@ -98,7 +99,8 @@ def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: floa
             pass
         time.sleep(0.5)
     stop([server.pid], group=True)
-    fail(f"the MLflow server did not answer {url}/health within {timeout:.0f} s (stopped); log: {log}")
+    fail(f"the MLflow server did not answer {url}/health within {timeout:.0f} s: stopped (`down --drop` "
+         f"cleans up); log: {log}")
 
 
 def up(args) -> None:
@@ -117,12 +119,15 @@ def up(args) -> None:
             fail("--storage and --backend-store must share one password (PGPASSWORD)")
     else:
         role, password, storage, backend = create_databases(args.admin)
-    url = f"http://{args.host}:{args.port}"
+    name = socket.gethostname() if args.host == "0.0.0.0" else args.host
+    url = f"http://{name}:{args.port}"
     log = folder / "mlflow-server.log"
     command = [str(Path(sys.executable).parent / "mlflow"), "server",
                "--backend-store-uri", backend.replace("postgresql://", "postgresql+psycopg2://", 1),
                "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
                "--host", args.host, "--port", str(args.port), "--workers", str(args.server_workers)]
+    if args.host == "0.0.0.0":  # MLflow answers only the Host names it is told of
+        command += ["--allowed-hosts", ",".join(f"{h}:{args.port}" for h in (name, "localhost", "127.0.0.1"))]
     with open(log, "w") as out:  # its own session: it outlives `up`, and `down` stops its whole group
         server = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                   env={**os.environ, "PGPASSWORD": password})
@@ -242,13 +247,14 @@ def down(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("up", help="create the databases, start the MLflow server")
     p.add_argument("--admin", default=ADMIN, help=f"PostgreSQL URL allowed to create roles (default: {ADMIN})")
     p.add_argument("--storage", default="", help="an existing Optuna database instead (postgresql://...)")
     p.add_argument("--backend-store", default="", help="an existing MLflow database instead (postgresql://...)")
-    p.add_argument("--host", default="127.0.0.1", help="the MLflow server's address (0.0.0.0 for other machines)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the MLflow server's address (0.0.0.0: for other machines, as this host's name)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--server-workers", type=int, default=1, help="the MLflow server's worker processes")
     p = sub.add_parser("workers", help="run N search workers until they end")
