@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,10 +30,10 @@ from mlflow.tracking import MlflowClient
 from pipeline import names
 from pipeline.report import STUDY_PLOTS
 from pipeline.study import counted_trials, make_storage
-from pipeline.tracking import FAIL_REASON
+from pipeline.tracking import FAIL_REASON, log_datasets
+from test_distributed import postgres  # noqa: F401 (a fixture: a fresh database and role)
 
 STACK = [sys.executable, str(ROOT / "deploy" / "stack.py")]
-BIN = Path(sys.executable).parent
 TINY_SPACE = """\
 depth: 1
 first_block: {filters: [4, 8, 16], kernel_size: [2, 3], pool_size: 2}
@@ -40,7 +41,7 @@ dense: {units: {low: 8, high: 512}}
 """
 BUDGET = 6
 SHORT = ["--epochs", "2", "--patience", "1"]
-LONG = ["--epochs", "300", "--patience", "300", "--pruner", "none"]  # a trial that trains until it is killed
+LONG = ["--epochs", "5000", "--patience", "5000", "--pruner", "none"]  # a trial that trains until it is killed
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
 
 
@@ -201,3 +202,32 @@ def test_the_stack_survives_killed_workers_and_serves_the_refit_model(stack, tmp
     assert s.password not in s.logs() + refit.stdout + refit.stderr
     for run in runs + [parent]:
         assert s.password not in json.dumps([run.data.params, run.data.tags])
+
+
+def test_workers_logging_one_dataset_at_once_all_succeed(postgres, _digits, monkeypatch):
+    """MLflow's SQL store looks a dataset up, then inserts it: six runs logging a new dataset
+    at the same moment race for its row, and each must still log it (`log_datasets` retries)."""
+    url, _ = postgres
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("postgresql://", "postgresql+psycopg2://"))
+    client = MlflowClient()
+    experiment_id = client.create_experiment("race")
+    errors = []
+
+    def log(run_id, lineage, barrier):
+        barrier.wait()
+        try:
+            log_datasets(MlflowClient(), run_id, [(lineage, "training")])
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    for rows in (100, 101, 102):  # a new dataset (digest) each round
+        lineage, barrier = _digits.lineage(_digits.x_train[:rows], _digits.y_train[:rows]), threading.Barrier(6)
+        threads = [threading.Thread(target=log, args=(client.create_run(experiment_id).info.run_id, lineage, barrier))
+                   for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors[0]
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == 18 and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
