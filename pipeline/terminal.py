@@ -123,16 +123,21 @@ def summary(study: optuna.Study, settings: Settings, parent_run_id: str, metrics
     if registered:
         lines.append(f"registered model: {registered}; serve it with:")
         lines.append(f"  {serve_command(registered)}")
-    lines.append("browse the runs:  mlflow ui --backend-store-uri " + mask(mlflow.get_tracking_uri()))
-    lines.append("  then open " + runs_page(run.info.experiment_id))
+    uri = mask(mlflow.get_tracking_uri())
+    if uri.startswith(("http://", "https://")):  # a tracking server has the UI already
+        lines.append("browse the runs:  " + runs_page(run.info.experiment_id, uri))
+    else:
+        lines.append("browse the runs:  mlflow ui --backend-store-uri " + uri)
+        lines.append("  then open " + runs_page(run.info.experiment_id))
     lines.append("browse the study: " + dashboard_command(settings.storage))
     return "\n".join(lines)
 
 
-def runs_page(experiment_id: str, port: int = 5000) -> str:
-    """The experiment's runs in `mlflow ui`. MLflow 3.17's UI opens every experiment on its
-    GenAI overview unless the workflow switch says "Model training": the URL says so."""
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
+def runs_page(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the UI of `server` (`mlflow ui`'s by default). MLflow 3.17's UI
+    opens every experiment on its GenAI overview unless the workflow switch says "Model
+    training": the URL says so."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def serve_command(registered: str) -> str:

@@ -44,6 +44,7 @@ PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its
 FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
 DESCRIPTION = "mlflow.note.content"  # the run page's Markdown description
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Machine learning" kind
+DATASET_TRIES = 3  # attempts of `log_datasets` when other workers log the same dataset at once
 SYSTEM_METRICS_INTERVAL = 5  # seconds between samples of `system_metrics=1` (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
 
 
@@ -101,7 +102,8 @@ def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: st
 def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, str]]) -> None:
     """Log (dataset, context) pairs as the run's MLflow dataset inputs, in one round trip:
     name, digest and source, rows and image shape in the profile, classes as an input tag.
-    Only this description is stored: no image leaves the process."""
+    Only this description is stored: no image leaves the process. A race with another worker
+    logging the same dataset (a unique-key conflict in the store) is retried."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
     from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -123,7 +125,17 @@ def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, 
                              name=lineage.name, digest=lineage.digest)
         tags = [InputTag("mlflow.data.context", context), InputTag("classes", str(lineage.classes))]
         entries.append(DatasetInput(dataset._to_mlflow_entity(), tags))
-    client.log_inputs(run_id, datasets=entries)
+    for attempt in range(DATASET_TRIES):
+        try:
+            client.log_inputs(run_id, datasets=entries)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            # MLflow's SQL store looks the dataset up, then inserts it: workers logging the same
+            # dataset at once race, and the loser's insert breaks the unique key. Once more, it
+            # finds the winner's row.
+            if attempt == DATASET_TRIES - 1 or "unique" not in str(e).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:

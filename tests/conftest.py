@@ -77,3 +77,48 @@ def runs_of(experiment_name: str):
     client = MlflowClient()
     experiment = client.get_experiment_by_name(experiment_name)
     return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_ask(model_uri: str, payload: dict, tracking_uri: str, timeout: float = 60) -> dict:
+    """`mlflow models serve` a model of `tracking_uri` (its own process group), POST `payload`
+    to /invocations until it answers or `timeout` passes, stop the server; returns the answer."""
+    import json
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port, bin_dir = free_port(), str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": tracking_uri}
+    server = subprocess.Popen(
+        [f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
+                                     data=json.dumps(payload).encode())
+    answer, deadline = None, time.monotonic() + timeout
+    try:
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            _, err = server.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            _, err = server.communicate()
+    assert answer is not None, err.decode()[-2000:]
+    return answer

@@ -10,19 +10,12 @@ import csv
 import dataclasses
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import ROOT, serve_and_ask
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -159,41 +152,10 @@ def test_summary_names_states_best_trial_run_and_commands(store):
     assert "mlflow models serve -m models:/report-study/1 --env-manager local" in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_class_names(store):
-    port = _free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": store["uri"]}
-    server = subprocess.Popen(
-        [f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/report-study/1", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
     x, y = store["data"].test.x[:5], store["data"].test.y[:5]
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", headers={"Content-Type": "application/json"},
-                                     data=json.dumps({"inputs": x.tolist()}).encode())
-    answer, deadline = None, time.monotonic() + 60
-    try:
-        while answer is None and time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                time.sleep(0.5)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            _, err = server.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            _, err = server.communicate()
-    assert answer is not None, err.decode()[-2000:]
+    answer = serve_and_ask("models:/report-study/1", {"inputs": x.tolist()}, store["uri"])
     predictions = answer["predictions"]
     assert len(predictions) == 5
     assert all(p["class"] in NAMES and 0 < p["probability"] <= 1 for p in predictions)
