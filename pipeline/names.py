@@ -22,6 +22,7 @@ WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"  # the process that runs t
 
 # Study user attributes
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
+CREATOR = "created_by"  # "host:pid" of the process that created the study
 DEADLINE = "deadline"  # epoch seconds after which no trial starts
 WARM_STARTED = "warm_start_enqueued"  # {name: params} of the configurations already enqueued
 

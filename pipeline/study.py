@@ -16,6 +16,7 @@ share a `seed` still draw different configurations.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -132,9 +133,15 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return TrialSeededSampler(seed)
 
 
+def this_process() -> str:
+    """`host:pid`, as a study records the process that created it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def join_study(settings: Settings, space, *, create: bool = True) -> tuple[optuna.Study, bool]:
-    """Create the study or load it (`create=False`: it must exist) and say whether this call
-    created it: of several workers starting at once exactly one does. Refuse to reuse a study
+    """Create the study or load it (`create=False`: it must exist) and say whether this
+    process created it (now or earlier, e.g. to enqueue trials first): of several workers
+    starting at once exactly one did, and the others wait for its parent run. Refuse to reuse a study
     with a different identity (dataset, space, metric, direction, folds, objectives).
     Several objectives make a multi-objective study, without pruning (Optuna has none for it)."""
     storage = make_storage(settings.storage, settings.heartbeat_interval, settings.grace_period)
@@ -146,6 +153,7 @@ def join_study(settings: Settings, space, *, create: bool = True) -> tuple[optun
     try:
         if create:
             study, created = optuna.create_study(directions=settings.directions, **kwargs), True
+            study.set_user_attr(names.CREATOR, this_process())
         else:
             study = optuna.load_study(**kwargs)
     except optuna.exceptions.DuplicatedStudyError:
@@ -165,7 +173,7 @@ def join_study(settings: Settings, space, *, create: bool = True) -> tuple[optun
     for k, v in wanted.items():
         if k not in study.user_attrs:
             study.set_user_attr(k, v)
-    return study, created
+    return study, created or study.user_attrs.get(names.CREATOR) == this_process()
 
 
 def open_study(settings: Settings, space, *, create: bool = True) -> optuna.Study:
