@@ -38,8 +38,10 @@ def inputs_of(run) -> dict:
     return found
 
 
-def test_every_run_that_trains_or_tests_names_its_data(settings, digits):
-    s = settings.replace(n_trials=2, epochs=1)
+def test_every_run_that_trains_or_tests_names_its_data_and_system_metrics_come_on_request(settings, digits,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    s = settings.replace(n_trials=2, epochs=2, system_metrics=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run("main", s, data=digits)
@@ -64,6 +66,10 @@ def test_every_run_that_trains_or_tests_names_its_data(settings, digits):
     tested = client.search_runs(experiment, "dataset.name = 'digits' AND dataset.context = 'test'")
     assert [r.info.run_id for r in tested] == [parent.info.run_id], "runs can be filtered by their data"
     assert len(client.search_runs(experiment, "dataset.context = 'validation'")) == 2
+
+    for run_id in (study.trials[0].user_attrs[names.MLFLOW_RUN_ID], parent.info.run_id):
+        metrics = client.get_run(run_id).data.metrics
+        assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
 
 
 def test_a_digest_changes_with_any_pixel_label_or_row_choice(digits):
@@ -119,17 +125,6 @@ def test_the_parent_run_is_named_after_the_study_and_describes_it_through_resume
     history = client.get_metric_history(parent_id, "train_loss")
     assert len(history) == 2 * epochs == len({m.step for m in history}), \
         "each refit logs its epochs to the parent, the second after the first"
-
-
-def test_system_metrics_are_logged_on_request(settings, digits, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    s = settings.replace(n_trials=1, epochs=3, system_metrics=1)
-    run("main", s, data=digits)
-    client = MlflowClient()
-    study = open_study(s, load_space(s.search_space))
-    for run_id in (study.trials[0].user_attrs[names.MLFLOW_RUN_ID], study.user_attrs[names.PARENT_RUN]):
-        metrics = client.get_run(run_id).data.metrics
-        assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
 
 
 def test_the_console_of_a_main_run_has_progress_and_no_warning(tmp_path):
