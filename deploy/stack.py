@@ -130,7 +130,7 @@ def up(args) -> None:
         command += ["--allowed-hosts", ",".join(f"{h}:{args.port}" for h in (name, "localhost", "127.0.0.1"))]
     with open(log, "w") as out:  # its own session: it outlives `up`, and `down` stops its whole group
         server = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={**os.environ, "PGPASSWORD": password})
+                                  env={"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ, "PGPASSWORD": password})
     state = {"server_pid": server.pid, "tracking_uri": url, "storage": with_password_variable(storage),
              "role": role, "admin": args.admin if role else None, "databases": [storage, backend] if role else []}
     state_file.write_text(json.dumps(state, indent=2))
