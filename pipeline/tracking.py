@@ -44,7 +44,7 @@ PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its
 FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
 DESCRIPTION = "mlflow.note.content"  # the run page's Markdown description
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Machine learning" kind
-DATASET_TRIES = 3  # attempts of `log_datasets` when other workers log the same dataset at once
+RACE_TRIES = 3  # attempts of a write that other workers may make at the same moment (`race_safe`)
 SYSTEM_METRICS_INTERVAL = 5  # seconds between samples of `system_metrics=1` (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
 
 
@@ -75,11 +75,27 @@ def _wait_for_parent(study: optuna.Study, timeout: float = PARENT_WAIT) -> str |
     return None
 
 
+def race_safe(call, *args, **kwargs):
+    """`call(*args, **kwargs)`, once more when another worker wrote the same key at the same
+    moment: MLflow's SQL store looks a tag, param or dataset up, then inserts it, and the loser
+    of two concurrent inserts breaks the unique key (seen on PostgreSQL: workers tagging the
+    study's parent run, logging one dataset, closing one dead trial's run). The next try finds
+    the winner's row and updates it."""
+    for attempt in range(RACE_TRIES):
+        try:
+            return call(*args, **kwargs)
+        except mlflow.exceptions.MlflowException as e:
+            text = str(e).lower()
+            if attempt == RACE_TRIES - 1 or not ("unique" in text or "duplicate" in text):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def end_run(client: MlflowClient, run_id: str, state: str, status: str, reason: str | None = None):
     """Close a trial's run: Optuna's state as a tag, MLflow's status, and why it failed."""
-    client.set_tag(run_id, "optuna.trial_state", state)
+    race_safe(client.set_tag, run_id, "optuna.trial_state", state)
     if reason:
-        client.set_tag(run_id, FAIL_REASON, mask(reason)[:500])
+        race_safe(client.set_tag, run_id, FAIL_REASON, mask(reason)[:500])
     client.set_terminated(run_id, status=status)
 
 
@@ -125,17 +141,7 @@ def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, 
                              name=lineage.name, digest=lineage.digest)
         tags = [InputTag("mlflow.data.context", context), InputTag("classes", str(lineage.classes))]
         entries.append(DatasetInput(dataset._to_mlflow_entity(), tags))
-    for attempt in range(DATASET_TRIES):
-        try:
-            client.log_inputs(run_id, datasets=entries)
-            return
-        except mlflow.exceptions.MlflowException as e:
-            # MLflow's SQL store looks the dataset up, then inserts it: workers logging the same
-            # dataset at once race, and the loser's insert breaks the unique key. Once more, it
-            # finds the winner's row.
-            if attempt == DATASET_TRIES - 1 or "unique" not in str(e).lower():
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    race_safe(client.log_inputs, run_id, datasets=entries)
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict) -> None:
@@ -212,7 +218,7 @@ class Tracker:
                 self.worker_run_id = project_run
                 for k, v in {"mlflow.parentRunId": stored, "pipeline.role": "worker",
                              "mlflow.runName": f"worker-{socket.gethostname()}-{os.getpid()}"}.items():
-                    self.client.set_tag(project_run, k, v)
+                    race_safe(self.client.set_tag, project_run, k, v)
         else:
             if project_run:
                 self.parent_run_id = project_run
@@ -228,10 +234,10 @@ class Tracker:
             self.client.update_run(self.parent_run_id, name=name)
         experiment = self.client.get_experiment(self.experiment_id)
         if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user chose stays
-            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
+            race_safe(self.client.set_experiment_tag, self.experiment_id, *EXPERIMENT_KIND)
         if self.device:
             for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
-                self.client.set_tag(run_id, "device", self.device)
+                race_safe(self.client.set_tag, run_id, "device", self.device)
         if study is not None:
             self._describe_parent(parent)
 
@@ -248,7 +254,7 @@ class Tracker:
         if s.multi_objective:
             tags["pruning"] = "off: Optuna does not prune multi-objective studies"
         for k, v in tags.items():
-            self.client.set_tag(self.parent_run_id, k, v)
+            race_safe(self.client.set_tag, self.parent_run_id, k, v)
         if run.info.status != "RUNNING":
             self.client.update_run(self.parent_run_id, status="RUNNING")
         # Params are write-once in MLflow: log the study-defining ones only on first sight.
@@ -257,7 +263,7 @@ class Tracker:
                          "direction": s.direction, "epochs": s.epochs, "cv_folds": s.cv_folds,
                          "pruner": s.pruner if s.pruning else "none", "seed": s.seed, "storage": mask(s.storage),
                          "objectives": ",".join(s.objective_names)}.items():
-                self.client.log_param(self.parent_run_id, k, v)
+                race_safe(self.client.log_param, self.parent_run_id, k, v)
 
     @property
     def nest_under(self) -> str:
@@ -265,7 +271,7 @@ class Tracker:
 
     def describe(self, markdown: str) -> None:
         """Set the parent run's Markdown description (the run page's Description)."""
-        self.client.set_tag(self.parent_run_id, DESCRIPTION, markdown)
+        race_safe(self.client.set_tag, self.parent_run_id, DESCRIPTION, markdown)
 
     @contextlib.contextmanager
     def system_metrics(self, run_id: str, *, resume: bool = False):
