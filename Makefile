@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make run    # builds .venv, then `mlflow run .` on the embedded digits data
-#   make test   # builds .venv, then the test suite
+#   make test   # builds .venv (with the JAX backend beside TensorFlow), then the test suite
 PYTHON ?= python3.11
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -9,11 +9,15 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 run: $(VENV)/.installed
 	mlflow run . --env-manager local
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.jax
 	python -m pytest -q
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.jax: requirements-jax.txt $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet -r requirements-jax.txt
 	touch $@

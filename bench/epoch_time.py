@@ -31,12 +31,31 @@ def vgg(depth, filters, convs, batch_size, dropout=0.25, dense_units=256, dense_
     return params
 
 
+def resnet(filters, convs, batch_size=128, learning_rate=0.1, **extra):
+    """A residual, batch-normed net with a global-average head and the recipe's training
+    (flip, 2-pixel translation, Nesterov one-cycle, label smoothing 0.2, weight decay)."""
+    params = {"depth": len(filters), "head": "global_avg", "dense_layers": 0, "augment_flip": True,
+              "augment_translate": 2, "optimizer": "nesterov", "learning_rate": learning_rate,
+              "batch_size": batch_size, "schedule": "onecycle", "warmup": 0.25, "label_smoothing": 0.2,
+              "weight_decay": 0.005}
+    for i, (f, c) in enumerate(zip(filters, convs), 1):
+        params.update({f"conv{i}_filters": f, f"conv{i}_kernel_size": 3, f"conv{i}_pool_size": 2,
+                       f"conv{i}_convs": c, f"conv{i}_batch_norm": True, f"conv{i}_residual": True})
+    params.update(extra)
+    return params
+
+
 CANDIDATES = {
     "vgg3x2_32_b64": vgg(3, (32, 64, 128), 2, 64),
     "vgg3x2_32_b128": vgg(3, (32, 64, 128), 2, 128),
     "vgg3x1_32_b64": vgg(3, (32, 64, 128), 1, 64),
     "vgg3x2_16_b64": vgg(3, (16, 32, 64), 2, 64),
     "vgg2x2_32_b64": vgg(2, (32, 64), 2, 64),
+    # cifar10.yaml's widest and narrowest nets, and baselines.yaml's resnet_small
+    "recipe_max": resnet((32, 64, 64), (1, 2, 2)),
+    "recipe_min": resnet((32, 48, 48), (1, 1, 1)),
+    "resnet_small": resnet((32, 64, 128), (2, 2, 2)),
+    "resnet_wide": resnet((64, 128, 256), (1, 2, 2)),
 }
 
 

@@ -19,6 +19,7 @@ import sys
 
 from pipeline import interrupts, names
 from pipeline.config import SEARCHES, Settings, fields
+from pipeline.device import use_backend
 from pipeline.errors import PipelineError
 from pipeline.names import mask
 from pipeline.quiet import quiet_console
@@ -66,7 +67,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.warm_start import load_configurations
 
     space = load_space(settings.search_space)
-    set_threads(settings.threads)  # before TensorFlow runs anything (resizing images does)
+    set_threads(settings.threads)  # before the backend runs anything (resizing images does)
     if command == "recover":
         return _recover(settings, space)
     warm = {}
@@ -128,6 +129,7 @@ def _main(argv: list[str] | None) -> int:
     command = settings = None
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
+        use_backend(settings.keras_backend)  # before Keras is imported
         quiet_console()
         run(command, settings)
     except PipelineError as e:

@@ -8,6 +8,7 @@ Unknown or ill-typed values are rejected before any data is loaded or any run is
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
@@ -17,6 +18,7 @@ PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 EXTRA_OBJECTIVES = ("params", "latency_ms")  # minimized beside the metric in multi-objective studies
 DEFAULT_OBJECTIVES = "val_accuracy"
+BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's backends
 SEARCHES = ("main", "search")  # the commands that search
 REFITS = ("main", "refit")  # the commands that refit and test
 
@@ -58,11 +60,13 @@ class Settings:
     baselines: str = _param("search_spaces/baselines.yaml", "configurations file of the `baselines` command")
     only: str = _param("", "comma list of configuration names to use from warm_start / baselines (default: all)")
     # issue 5: speed (threads, devices, batch size)
-    threads: int = _param(0, "TensorFlow intra-op threads of this worker (0 = one per core)")
+    threads: int = _param(0, "intra-op threads of this worker, TensorFlow or PyTorch (0 = one per core)")
     batch_size: int = _param(0, "batch size for every trial and the refit, overriding the space's (0 = the space's)")
-    mixed_precision: int = _param(0, "1 = train in mixed float16 precision (GPU only)")
+    mixed_precision: int = _param(0, "1 = train in mixed 16-bit precision: bfloat16 or float16, as the GPU suits (GPU only)")
     # issue 15: what a user sees
     system_metrics: int = _param(0, "1 = log MLflow's system metrics (CPU, memory, GPU) for trial and refit runs")
+    # issue 13: every Keras backend
+    backend: str = _param("", "Keras backend: tensorflow, jax or torch (default: KERAS_BACKEND, else tensorflow)")
 
     def __post_init__(self):
         checks = [
@@ -87,11 +91,20 @@ class Settings:
             (self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1"),
             (self.grace_period > self.heartbeat_interval, "grace_period", "must be > heartbeat_interval"),
             (self.samples >= 1, "samples", "must be >= 1"),
+            (self.backend in ("", *BACKENDS), "backend", f"must be one of {', '.join(BACKENDS)}"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise PipelineError(f"{name}={getattr(self, name)!r}: {why}")
         self.select_rules  # noqa: B018 -- parses (and so validates) objectives and select now
+
+    @property
+    def keras_backend(self) -> str:
+        """`backend`, else KERAS_BACKEND, else tensorflow."""
+        name = self.backend or os.environ.get("KERAS_BACKEND") or "tensorflow"
+        if name not in BACKENDS:
+            raise PipelineError(f"KERAS_BACKEND={name!r}: must be one of {', '.join(BACKENDS)}")
+        return name
 
     @property
     def objective_names(self) -> list[str]:

@@ -324,11 +324,11 @@ def resize(data: Dataset, size: int) -> Dataset:
     """Resize every image to size x size (for the array datasets; folders resize on read)."""
     if data.input_shape[:2] == (size, size):
         return data
-    import tensorflow as tf
+    from keras import ops
 
     def r(x):
-        out = tf.image.resize(x, (size, size), method="bilinear", antialias=True)
-        return np.clip(np.rint(out.numpy()), 0, 255).astype(np.uint8)
+        out = ops.image.resize(x.astype(np.float32), (size, size), interpolation="bilinear", antialias=True)
+        return np.clip(np.rint(ops.convert_to_numpy(out)), 0, 255).astype(np.uint8)
 
     return Dataset(data.name, r(data.x_train), data.y_train, HeldOut(r(data.test.x), data.test.y), data.class_names,
                    data.source)

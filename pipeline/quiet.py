@@ -2,7 +2,7 @@
 user cannot act on is kept off the console; everything else (a warning about a user's bad
 setting, any error) still shows.
 
-    quiet_console()   # once, at the start of a command, before TensorFlow is imported
+    quiet_console()   # once, at the start of a command, after choosing the Keras backend
 
 - TensorFlow prints a oneDNN banner from C++ while it is imported, before its logging is
   set up (TF_CPP_MIN_LOG_LEVEL does not reach it): the import runs with the process's
@@ -23,7 +23,7 @@ BANNER = ("oneDNN custom operations are on", "All log messages before absl::Init
 def quiet_console() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if "tensorflow" not in sys.modules:
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow" and "tensorflow" not in sys.modules:
         _import_without_banner()
 
 

@@ -19,7 +19,10 @@ signature only, since `mlflow.keras.log_model(..., input_example=...)` crashes i
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,9 +32,10 @@ import pandas as pd
 from mlflow.models import infer_signature
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# What serving the pyfunc needs; pinned to the installed versions so no requirement
-# inference (a slow subprocess that loads TensorFlow) runs at logging time.
-SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "PyYAML")
+# What serving the pyfunc needs, with the packages of the Keras backend that trained; pinned
+# to the installed versions so no requirement inference (a slow subprocess) runs at logging.
+SERVING_PACKAGES = ("mlflow", "keras", "numpy", "pandas", "PyYAML")
+BACKEND_PACKAGES = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "jax": ("jax", "jaxlib"), "torch": ("torch",)}
 
 
 def probability_column(name: str) -> str:
@@ -55,18 +59,34 @@ class ClassNameModel(mlflow.pyfunc.PythonModel):
     artifacts: the saved Keras model and `class_names.json`."""
 
     def load_context(self, context):
+        saved = json.loads(Path(context.artifacts["class_names"]).read_text())
+        _serve_on(saved.get("keras_backend"))
         import keras
 
         import pipeline.model  # noqa: F401  registers the custom layers (Cutout) the saved model may hold
 
         self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
-        self.class_names = json.loads(Path(context.artifacts["class_names"]).read_text())["class_names"]
+        self.class_names = saved["class_names"]
 
     def predict(self, context, model_input: np.ndarray, params=None) -> pd.DataFrame:
         # An ndarray hint: MLflow validates the input against the logged signature (uint8
         # pixels of the trained shape) and infers no schema from the hint itself.
         pixels = np.asarray(model_input, dtype="uint8")
         return predictions_frame(self.model.predict(pixels, verbose=0), self.class_names)
+
+
+def _serve_on(trained: str | None) -> None:
+    """Load on the backend that trained when KERAS_BACKEND is unset and that backend is
+    installed (a JAX-only environment has no TensorFlow, Keras' default); a saved model
+    loads on any backend, so where it is not installed Keras' own default serves it."""
+    if trained and "KERAS_BACKEND" not in os.environ and "keras" not in sys.modules \
+            and importlib.util.find_spec(trained) is not None:
+        os.environ["KERAS_BACKEND"] = trained
+
+
+def requirements(backend: str) -> list[str]:
+    """Pinned pip requirements of the served model trained on `backend`."""
+    return _pinned((*SERVING_PACKAGES, *BACKEND_PACKAGES[backend]))
 
 
 def _pinned(packages) -> list[str]:
@@ -84,14 +104,17 @@ def log_models(model, example: np.ndarray, class_names: list[str], run_id: str, 
 
     Returns the pyfunc's `ModelInfo` (its `registered_model_version` is the new version).
     """
+    import keras
+
     example = np.asarray(example, dtype="uint8")
     probabilities = model.predict(example, verbose=0)
+    backend = keras.backend.backend()
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.keras.log_model(model, name="keras_model", signature=infer_signature(example, probabilities),
-                               pip_requirements=_pinned(SERVING_PACKAGES))
+                               pip_requirements=requirements(backend))
         keras_file, names_file = Path(tmp) / "model.keras", Path(tmp) / "class_names.json"
         model.save(keras_file)
-        names_file.write_text(json.dumps({"class_names": list(class_names)}))
+        names_file.write_text(json.dumps({"class_names": list(class_names), "keras_backend": backend}))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "served_model.py"),
@@ -99,7 +122,7 @@ def log_models(model, example: np.ndarray, class_names: list[str], run_id: str, 
             code_paths=[str(PACKAGE_DIR)],
             signature=infer_signature(example, predictions_frame(probabilities, class_names)),
             input_example=example,
-            pip_requirements=_pinned(SERVING_PACKAGES),
+            pip_requirements=requirements(backend),
             registered_model_name=registered_name,
         )
         mlflow.log_dict({"inputs": example.tolist()}, "model_input_example.json")

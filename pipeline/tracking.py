@@ -262,7 +262,7 @@ class Tracker:
             for k, v in {"dataset": s.dataset, "search_space": s.search_space, "metric": s.metric,
                          "direction": s.direction, "epochs": s.epochs, "cv_folds": s.cv_folds,
                          "pruner": s.pruner if s.pruning else "none", "seed": s.seed, "storage": mask(s.storage),
-                         "objectives": ",".join(s.objective_names)}.items():
+                         "objectives": ",".join(s.objective_names), "keras_backend": s.keras_backend}.items():
                 race_safe(self.client.log_param, self.parent_run_id, k, v)
 
     @property

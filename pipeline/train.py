@@ -1,9 +1,10 @@
 """`train(params, ...) -> metrics`: fit one model on one split. No Optuna, no MLflow here.
 
-Data path: the uint8 train images are converted to tensors once per process (`Images`);
-every split and CV fold is only a pair of row-index arrays into them, and each fit reads
-them through a `tf.data` pipeline that shuffles indices (not images), gathers a batch of
-uint8 rows, and prefetches; the model scales pixels itself. Nothing is copied per trial.
+Data path: the uint8 train images are held once per process (`Images`); every split and
+CV fold is only a pair of row-index arrays into them, and each fit reads batches that
+shuffle indices (not images) and gather uint8 rows: on TensorFlow a `tf.data` pipeline
+over tensors made once, with prefetch; on JAX and PyTorch a Keras `PyDataset` over the
+numpy array. The model scales pixels itself. Nothing is copied per trial.
 
 Callers pass callbacks (pruning, logging) in; early stopping on the monitored validation
 metric is added here and the best epoch's weights are kept. The metrics returned are those
@@ -30,28 +31,58 @@ from pipeline.names import prefixed
 
 
 class Images:
-    """Labelled uint8 images held once as CPU tensors; `batches` reads rows by index."""
+    """Labelled uint8 images held once; `batches` reads rows by index. On TensorFlow the pool
+    is converted to CPU tensors once and read through tf.data; on JAX and PyTorch it stays a
+    numpy array read by a Keras `PyDataset` (no TensorFlow needed)."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray):
-        import tensorflow as tf
+        self.x, self.y = np.asarray(x, np.uint8), np.asarray(y, np.int32)
+        self.tf = keras.backend.backend() == "tensorflow"
+        if self.tf:
+            import tensorflow as tf
 
-        with tf.device("/CPU:0"):  # the pool stays in host memory; batches go to the device
-            self.x = tf.convert_to_tensor(np.asarray(x, np.uint8))
-            self.y = tf.convert_to_tensor(np.asarray(y, np.int32))
+            with tf.device("/CPU:0"):  # the pool stays in host memory; batches go to the device
+                self.x, self.y = tf.convert_to_tensor(self.x), tf.convert_to_tensor(self.y)
 
     def __len__(self):
         return int(self.y.shape[0])
 
     def batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        """A tf.data pipeline of (uint8 images, labels) batches of `rows`, reshuffled each epoch."""
+        """(uint8 images, labels) batches of `rows`, reshuffled each epoch when `shuffle`."""
+        rows = np.asarray(rows, np.int64)
+        if not self.tf:
+            return RowBatches(self.x, self.y, rows, batch_size, shuffle, seed)
         import tensorflow as tf
 
-        ds = tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))
+        ds = tf.data.Dataset.from_tensor_slices(rows)
         if shuffle:
             ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
         x, y = self.x, self.y
         ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class RowBatches(keras.utils.PyDataset):
+    """Batches of numpy rows by index, for the JAX and PyTorch backends: batch i gathers
+    `batch_size` rows of the (optionally shuffled) row order; the order is redrawn after each
+    epoch from a generator seeded once."""
+
+    def __init__(self, x, y, rows, batch_size: int, shuffle: bool, seed: int):
+        super().__init__()
+        self.x, self.y, self.rows, self.batch_size, self.shuffle = x, y, rows, batch_size, shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(rows) if shuffle else rows
+
+    def __len__(self):
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, i):
+        index = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        return self.x[index], self.y[index]
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self.order = self.rng.permutation(self.rows)
 
 
 @dataclass(frozen=True)

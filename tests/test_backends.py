@@ -1,0 +1,71 @@
+"""Issue 13: Keras 3 backends. A search + refit + registered, served model on the JAX backend
+in processes where TensorFlow cannot be imported (tests/without_tensorflow on PYTHONPATH),
+the model trained there loaded and run by this TensorFlow process, and the backend setting's
+checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import ROOT, runs_of, serve_and_ask
+
+from pipeline.cli import main
+from pipeline.config import Settings
+from pipeline.device import use_backend
+from pipeline.errors import PipelineError
+
+pytest.importorskip("jax", reason="the JAX backend is not installed (make test installs requirements-jax.txt)")
+WITHOUT_TF = str(ROOT / "tests" / "without_tensorflow")
+
+
+def test_jax_without_tensorflow_searches_refits_registers_and_serves(tmp_path, tracking_uri, digits, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", WITHOUT_TF)  # every process below: no TensorFlow
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "main", "--backend", "jax", "--n-trials", "3", "--epochs", "2",
+         "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study-name", "jax-study",
+         "--experiment-name", "jax", "--search-space", str(ROOT / "search_spaces" / "seed.yaml")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test_accuracy=" in done.stdout and "registered model: jax-study/1" in done.stdout
+    runs = runs_of("jax")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trials = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("trial-")]
+    assert parent.data.params["keras_backend"] == "jax" and len(trials) == 3
+    for r in (parent, *trials):
+        assert r.data.tags["device"].startswith("CPU (") and r.data.tags["device"].endswith(", float32, jax)")
+    assert parent.data.metrics["test_accuracy"] > 0.5
+
+    # served by `mlflow models serve` in a process without TensorFlow: it loads on JAX
+    images = digits.test.x[:4]
+    answer = serve_and_ask("models:/jax-study/1", {"inputs": images.tolist()}, tracking_uri, timeout=120)
+    served = np.array([[row[f"p_{c}"] for c in digits.class_names] for row in answer["predictions"]])
+
+    # and the same saved model loads under this process's TensorFlow backend, predicting the same
+    monkeypatch.delenv("PYTHONPATH")
+    model = mlflow.pyfunc.load_model("models:/jax-study/1")
+    here = model.predict(images)
+    np.testing.assert_allclose(here[[f"p_{c}" for c in digits.class_names]].to_numpy(), served, atol=1e-5)
+    assert list(here["class"]) == [row["class"] for row in answer["predictions"]]
+
+
+def test_the_backend_setting_is_checked(monkeypatch, capsys):
+    with pytest.raises(PipelineError, match=r"^backend='mxnet': must be one of tensorflow, jax, torch$"):
+        Settings(backend="mxnet")
+    monkeypatch.setenv("KERAS_BACKEND", "theano")
+    assert main(["space", "--samples", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: KERAS_BACKEND='theano': must be one of tensorflow, jax, torch"
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert Settings().keras_backend == "jax" and Settings(backend="torch").keras_backend == "torch"
+    monkeypatch.delenv("KERAS_BACKEND")
+    assert Settings().keras_backend == "tensorflow"
+    # this process imported Keras on TensorFlow: another backend is refused, not half applied
+    with pytest.raises(PipelineError, match="Keras already runs on 'tensorflow'"):
+        use_backend("jax")
+    assert os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
