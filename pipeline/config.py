@@ -65,6 +65,8 @@ class Settings:
     mixed_precision: int = _param(0, "1 = train in mixed 16-bit precision: bfloat16 or float16, as the GPU suits (GPU only)")
     # issue 15: what a user sees
     system_metrics: int = _param(0, "1 = log MLflow's system metrics (CPU, memory, GPU) for trial and refit runs")
+    # issue 12: the refit is part of the hour
+    refit_epochs: int = _param(0, "epochs of the refit, its schedule's span (0 = the best trial's best epoch count)")
     # issue 13: every Keras backend
     backend: str = _param("", "Keras backend: tensorflow, jax or torch (default: KERAS_BACKEND, else tensorflow)")
 
@@ -91,6 +93,7 @@ class Settings:
             (self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1"),
             (self.grace_period > self.heartbeat_interval, "grace_period", "must be > heartbeat_interval"),
             (self.samples >= 1, "samples", "must be >= 1"),
+            (self.refit_epochs >= 0, "refit_epochs", "must be >= 0 (0 = the best trial's epoch count)"),
             (self.backend in ("", *BACKENDS), "backend", f"must be one of {', '.join(BACKENDS)}"),
         ]
         for ok, name, why in checks:

@@ -6,12 +6,14 @@ scripts call:
 join (or create) the study, enqueue warm-start configurations, find or make its MLflow
 parent run, search (`main`, `search`), log the Pareto front (multi-objective studies),
 the study report (plots, trials table), refit and test (`main`, `refit`), print the
-summary and rewrite the parent run's description; then end this process's runs: FINISHED,
+summary (with the wall seconds of this process's search, `search_seconds`, and the refit's
+phases) and rewrite the parent run's description; then end this process's runs: FINISHED,
 FAILED on an error, KILLED on Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import optuna
@@ -54,12 +56,15 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
     tracker = Tracker(settings, study, wait_for_parent=not created and command != "refit", device=device)
     status = "FAILED"
     try:
+        timings = {}
         if command in SEARCHES:
+            start = time.perf_counter()
             run_search(study, Objective(data, space, settings, tracker, callbacks), settings)
+            timings["search_seconds"] = time.perf_counter() - start  # this process's search
         if command in SEARCHES and settings.multi_objective:
             log_front(study, settings, tracker)
         log_study_report(study, tracker.client, tracker.parent_run_id)
-        metrics = refit_and_test(study, data, settings, tracker) if command in REFITS else {}
+        metrics = {**timings, **refit_and_test(study, data, settings, tracker)} if command in REFITS else {}
         tracker.describe(description(study, settings, tracker.client.get_run(tracker.parent_run_id)))
         print(summary(study, settings, tracker.parent_run_id, metrics))
         status = "FINISHED"

@@ -1,10 +1,13 @@
 """Refit the best trial on the whole train split, then score it once on the test split.
 
 The best trial (in a multi-objective study: the Pareto trial the `select` rule picks, see
-pipeline/best.py) is refit for the epochs it actually needed (its best epoch), printing a
+pipeline/best.py) is refit for the epochs it actually needed (its best epoch), or for
+`refit_epochs` (a learning-rate schedule then spans those epochs), printing a
 line per epoch and logging its `train_*` metrics per epoch to the study's parent run.
 Only here is the held-out test split opened. Results go to the parent run: the training
-and test data as MLflow datasets, `best_<metric>`, `test_accuracy`,
+and test data as MLflow datasets, the wall seconds of the fit (`refit_seconds`), of
+predicting and scoring the test split (`test_seconds`) and of logging the report and
+models (`logging_seconds`), `best_<metric>`, `test_accuracy`,
 `test_{precision,recall,f1}_macro`, per-class scores, the classification report (text and
 JSON) and confusion matrices (PNG, pipeline.report), and the models (pipeline.serving): the
 Keras model, and a pyfunc that answers with class names, registered as
@@ -12,6 +15,8 @@ Keras model, and a pyfunc that answers with class names, registered as
 """
 
 from __future__ import annotations
+
+import time
 
 import optuna
 from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
@@ -51,17 +56,19 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     """Refit the best configuration, open the test split once, log everything to the parent."""
     best = best_trial(study, settings)
     params = best.user_attrs[names.PARAMS]
-    epochs = int(best.user_attrs[names.EPOCHS_NEEDED])
+    epochs = settings.refit_epochs or int(best.user_attrs[names.EPOCHS_NEEDED])
     client, run_id = tracker.client, tracker.parent_run_id
     print(f"refit: trial {best.number} ({settings.metric}={best.values[0]:.4f}) for {epochs} epoch(s) "
           f"on all {len(data.y_train)} training images", flush=True)
     # the parent's epochs continue across refits, so a second refit's curve follows the first's
     offset = len(client.get_metric_history(run_id, "train_loss"))
     callbacks = [tracker.epoch_logger(run_id, offset), EpochLines("refit", epochs)]
+    start = time.perf_counter()
     with tracker.system_metrics(run_id, resume=True):
         model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs,
                          seed=settings.seed, callbacks=callbacks)
     tracker.flush(run_id)
+    fitted = time.perf_counter()
 
     x_test, y_test = data.test.open()
     log_datasets(client, run_id, [(data.lineage(data.x_train, data.y_train), "training"),
@@ -71,6 +78,8 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     metrics, report, report_text = score(y_test, y_pred, data.class_names)
     metrics[f"best_{settings.metric}"] = best.values[0]
     metrics["refit_epochs"] = epochs
+    tested = time.perf_counter()
+    metrics.update(refit_seconds=fitted - start, test_seconds=tested - fitted)
 
     log_metrics(client, run_id, metrics)
     client.set_tag(run_id, "best_trial_number", str(best.number))
@@ -79,4 +88,6 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     log_test_report(y_test, y_pred, data.class_names, report, report_text, params, client, run_id)
     info = log_models(model, x_test[:4], data.class_names, run_id, settings.model_name)
     client.set_tag(run_id, "registered_model", f"{settings.model_name}/{info.registered_model_version}")
+    metrics["logging_seconds"] = time.perf_counter() - tested
+    log_metrics(client, run_id, {"logging_seconds": metrics["logging_seconds"]})
     return metrics

@@ -5,6 +5,7 @@ File format (see search_spaces/seed.yaml):
     depth: {low: 1, high: 3}        # number of conv blocks
     first_block: {filters: [16, 32, 64], kernel_size: 3, pool_size: 2}
     later_blocks: {filters: [16, 32, 64], kernel_size: [3, 6, 9], pool_size: [2, 4]}
+    block3: {filters: 128}          # optional: block i's own settings over later_blocks'
     dense: {units: {low: 50, high: 999}}
     training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
     augment: {flip: true, translate: 2}   # optional: training-time augmentation
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +191,7 @@ class SearchSpace:
         return Path(self.path).stem
 
     def _block_dims(self, i: int) -> dict:
-        return self.sections["first_block" if i == 1 else "later_blocks"]
+        return self.sections.get(f"block{i}") or self.sections["first_block" if i == 1 else "later_blocks"]
 
     def sample(self, trial) -> dict:
         """Turn a trial into a plain dict of params (fixed settings included)."""
@@ -265,7 +267,8 @@ def load_space(path: str | Path) -> SearchSpace:
     raw = read_yaml(path, "search-space", "search space")
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}: a search space must be a YAML mapping")
-    unknown = set(raw) - TOP_KEYS
+    blocks = {k for k in raw if re.fullmatch(r"block[2-9][0-9]*", str(k))}  # block<i>: later_blocks' overrides
+    unknown = set(raw) - TOP_KEYS - blocks
     if unknown:
         raise PipelineError(f"{path}: unknown key(s) {sorted(unknown)} (allowed: {sorted(TOP_KEYS)})")
     if "depth" not in raw:
@@ -296,6 +299,12 @@ def load_space(path: str | Path) -> SearchSpace:
                 raise PipelineError(f"{path}: missing key '{section}.{key}'")
         sections[section] = dims
     sections.setdefault("later_blocks", sections["first_block"])
+    for block in sorted(blocks):
+        spec = raw[block]
+        if not isinstance(spec, dict) or set(spec) - set(BLOCK_KEYS):
+            raise PipelineError(f"{path}: key '{block}' must be a mapping of block keys (allowed: {sorted(BLOCK_KEYS)})")
+        sections[block] = {**sections["later_blocks"], **{
+            key: _dim(value, *BLOCK_KEYS[key], f"{path}: key '{block}.{key}'") for key, value in spec.items()}}
     sections["top"] = {key: _dim(raw[key], *TOP_SETTINGS[key], f"{path}: key '{key}'")
                        for key in TOP_SETTINGS if key in raw}
     digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -243,3 +243,34 @@ def test_warmup_decay_survives_serialization():
     schedule = WarmupDecay(0.2, 40, 0.25, "onecycle")
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
     assert [float(again(s)) for s in (5, 10, 25)] == pytest.approx([float(schedule(s)) for s in (5, 10, 25)])
+
+
+def test_block_sections_override_later_blocks_for_their_block_only(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("depth: 3\nfirst_block: {filters: 8, kernel_size: 3, pool_size: 2}\n"
+                    "later_blocks: {filters: [16, 32], kernel_size: [3, 5], pool_size: 2}\nblock3: {filters: 64}\n")
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):
+        params = space.sample(study.ask())
+        assert params["conv2_filters"] in (16, 32) and params["conv3_filters"] == 64
+        assert params["conv3_kernel_size"] in (3, 5)  # the rest of block 3 follows later_blocks
+        assert space.violations(params) == []
+    assert space.violations({**params, "conv3_filters": 32}) == ["conv3_filters=32 is outside the space"]
+
+
+def test_the_recipe_starts_from_its_measured_configuration():
+    space = load_space(ROOT / "search_spaces" / "cifar10.yaml")
+    start = load_configurations(ROOT / "search_spaces" / "cifar10_start.yaml", space, [])[1]["resnet_small_lr01"]
+    assert [start[f"conv{i}_filters"] for i in (1, 2, 3)] == [32, 64, 128]
+    assert all(start[f"conv{i}_convs"] == 2 and start[f"conv{i}_residual"] for i in (1, 2, 3))
+
+
+def test_refit_epochs_sets_the_refits_length_and_the_phases_are_timed(settings, digits, capsys):
+    from pipeline.cli import run
+
+    metrics = run("main", settings.replace(n_trials=1, epochs=1, refit_epochs=3), data=digits)
+    assert metrics["refit_epochs"] == 3
+    assert "refit epoch 3/3:" in capsys.readouterr().out
+    for phase in ("search_seconds", "refit_seconds", "test_seconds", "logging_seconds"):
+        assert metrics[phase] > 0

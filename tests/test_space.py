@@ -105,6 +105,9 @@ dense: {units: {low: 10, high: 20}}
         (GOOD + "training: {label_smoothing: [0.1, 1.5]}\n", "key 'training.label_smoothing': 1.5 must be in [0, 1)"),
         (GOOD + "training: {weight_decay: {low: -0.1, high: 0.1}}\n", "key 'training.weight_decay': -0.1 must be >= 0"),
         (GOOD + "training: {momentum: 1}\n", "key 'training.momentum': 1 must be in [0, 1)"),
+        (GOOD + "block2: {filters: [0]}\n", "key 'block2.filters'"),
+        (GOOD + "block2: {stride: 1}\n", "key 'block2' must be a mapping of block keys"),
+        (GOOD + "block1: {filters: 8}\n", "unknown key(s) ['block1']"),
     ],
 )
 def test_broken_space_files_name_file_and_key(tmp_path, text, fragment):
