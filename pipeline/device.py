@@ -13,7 +13,7 @@ machine (workers x threads ~ cores); JAX sizes its CPU pool at start and has no 
 softmax in float32) where that helps: on a GPU, bfloat16 on cards that compute in it
 (compute capability 8.0 and newer: A100, H100, ...), else float16 with loss scaling. The
 description names the device that trains (the first GPU the backend sees, else the CPU), the
-precision and the backend.
+precision and the backend, and CUDA_VISIBLE_DEVICES where it is set (one worker per GPU).
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ def configure(settings: Settings) -> str:
     found = gpus()
     policy = precision(settings, found)
     keras.mixed_precision.set_global_policy(policy)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # one worker per GPU: which one this is
+    where = "" if visible is None else f"; CUDA_VISIBLE_DEVICES={visible}"
     if found:
         more = f" + {len(found) - 1} more" if len(found) > 1 else ""
-        return f"GPU ({found[0][0]}{more}, {policy}, {backend()})"
-    return f"CPU ({os.cpu_count()} cores, {_threads()} threads, {policy}, {backend()})"
+        return f"GPU ({found[0][0]}{more}, {policy}, {backend()}{where})"
+    return f"CPU ({os.cpu_count()} cores, {_threads()} threads, {policy}, {backend()}{where})"

@@ -13,6 +13,7 @@ import re
 PARAMS = "params"  # the full params dict the model was built from (fixed settings included)
 EPOCHS_NEEDED = "epochs_needed"  # best epoch, 1-based (median over CV folds): what the refit trains
 EPOCHS_RUN = "epochs_run"  # epochs trained, all folds together
+FIT_SECONDS = "fit_seconds"  # wall seconds building and fitting the model(s), all folds; the rest is bookkeeping
 PARAMS_COUNT = "params_count"
 LATENCY_MS = "latency_ms"
 WARM_START = "warm_start"  # name of the warm-start configuration the trial was enqueued from

@@ -74,7 +74,7 @@ class Objective:
         trial.set_user_attr(names.PARAMS, params)
         with self.tracker.trial_run(trial, params) as run_id:
             log_datasets(self.tracker.client, run_id, self.inputs)
-            folds, keep = [], KeepModel()
+            folds, keep, start = [], KeepModel(), time.perf_counter()
             for k, split in enumerate(self.splits):
                 offset = k * s.epochs
                 callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
@@ -93,6 +93,7 @@ class Objective:
                 "trial_value": value,
                 names.EPOCHS_NEEDED: int(round(float(np.median([f["epochs_needed"] for f in folds])))),
                 names.EPOCHS_RUN: int(sum(f["epochs_run"] for f in folds)),
+                names.FIT_SECONDS: time.perf_counter() - start,
             }
             if names.LATENCY_MS in s.objective_names:
                 summary[names.LATENCY_MS] = latency_ms(keep.model, self.data.x_train[self.splits[0].val_rows[:LATENCY_IMAGES]])

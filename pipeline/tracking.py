@@ -121,7 +121,7 @@ def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, 
     Only this description is stored: no image leaves the process. A race with another worker
     logging the same dataset (a unique-key conflict in the store) is retried."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.numpy_dataset import from_numpy
     from mlflow.entities import DatasetInput, InputTag
@@ -130,7 +130,8 @@ def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, 
         if where.startswith(("http://", "https://")):
             return HTTPDatasetSource(where)
         if where.startswith("/"):
-            return FileSystemDatasetSource(where)
+            # MLflow makes its local-file source class at import time (registered, not importable)
+            return next(c for c in get_registered_sources() if c.__name__ == "LocalArtifactDatasetSource")(where)
         return CodeDatasetSource(tags={"loader": where})
 
     entries = []

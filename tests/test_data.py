@@ -163,3 +163,21 @@ def test_cifar10_offline_without_cache_says_how_to_use_a_local_copy(tmp_path, mo
     monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "keras"))  # an empty cache
     with pytest.raises(PipelineError, match="local copy"):
         load_dataset("cifar10")
+
+
+def test_a_search_on_an_image_folder_logs_the_folder_as_its_datasets_source(tmp_path, settings):
+    """A study on an image folder (the CIFAR-10 recipe's kind of data) runs end to end, and
+    its runs' datasets name the folder as their source."""
+    import json
+
+    import mlflow
+
+    from pipeline.cli import run
+
+    write_images(tmp_path / "pets", n=12)
+    run("main", settings.replace(dataset=str(tmp_path / "pets"), n_trials=1, epochs=1))
+    runs = mlflow.search_runs(experiment_names=["test-experiment"], output_format="list")
+    assert len(runs) == 2  # the parent and its trial
+    for r in runs:
+        sources = {json.loads(d.dataset.source)["uri"] for d in r.inputs.dataset_inputs}
+        assert sources == {str(tmp_path / "pets")}, sources

@@ -101,11 +101,12 @@ class Workers:
         self.common = ["--search-space", space_file, "--storage", storage, "--study-name", "dist",
                        "--experiment-name", "dist", "--heartbeat-interval", "1", "--grace-period", "3"]
 
-    def start(self, *args, command="search") -> subprocess.Popen:
+    def start(self, *args, command="search", env=None) -> subprocess.Popen:
         """A worker whose stacks `finish` can dump (faulthandler) when it does not end."""
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "w+")
         argv = [sys.executable, "-X", "faulthandler", "-m", "pipeline", command, *self.common, *args]
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, **(env or {})})
         proc.log = log
         self.procs.append(proc)
         return proc
@@ -175,7 +176,8 @@ def wait_until_training(timeout=120):
 
 @pytest.mark.slow
 def test_three_workers_share_one_study_within_the_global_budget(workers, storage, tmp_path):
-    procs = [workers.start("--n-trials", "9", "--epochs", "1") for _ in range(3)]
+    # as README's "Several GPUs on one machine" starts them: one worker per GPU, one storage
+    procs = [workers.start("--n-trials", "9", "--epochs", "1", env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(3)]
     results = [workers.finish(p) for p in procs]
     assert [code for code, _ in results] == [0, 0, 0], results
 
@@ -191,9 +193,12 @@ def test_three_workers_share_one_study_within_the_global_budget(workers, storage
     by_number = trial_runs()
     assert sorted(by_number) == [t.number for t in study.trials]
     assert all(len(rs) == 1 for rs in by_number.values()), "exactly one MLflow run per trial number"
-    for (run,) in by_number.values():
+    gpu_of_pid = {p.pid: str(i) for i, p in enumerate(procs)}
+    for number, (run,) in by_number.items():
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.info.status == "FINISHED"
+        pid = study.trials[number].user_attrs["worker_pid"]
+        assert run.data.tags["device"].endswith(f"; CUDA_VISIBLE_DEVICES={gpu_of_pid[pid]})"), run.data.tags["device"]
 
     if storage.startswith("postgresql"):  # the password never reaches the tracking store or the output
         password = storage.split(":")[2].split("@")[0]
