@@ -5,7 +5,8 @@
 Trains each configuration in CANDIDATES (or those named by --only) with the pipeline's
 `train` on the pipeline's validation split and prints, per configuration, the median
 per-epoch seconds after the first (tracing) epoch and the best validation accuracy.
-Last line: `name=value` pairs, `<config>_epoch_s` and `<config>_val_accuracy`.
+`--policy mixed_bfloat16` trains in bfloat16 with float32 variables. Last line: `name=value`
+pairs, `<config>_epoch_s` and `<config>_val_accuracy`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def main(argv=None):
     ap.add_argument("--dataset", default="../shared/data/cifar10-sample")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=list(CANDIDATES))
+    ap.add_argument("--policy", default="float32", help="Keras dtype policy, e.g. mixed_bfloat16 (CPUs with AVX512-BF16/AMX)")
     args = ap.parse_args(argv)
+    import keras
+
+    keras.mixed_precision.set_global_policy(args.policy)
     data = load_dataset(args.dataset)
     split = validation_splits(data.x_train, data.y_train, 1, 0.2, 42)[0]
     out = {}

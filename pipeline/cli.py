@@ -115,6 +115,17 @@ def _recover(settings: Settings, space) -> dict:
     return {}
 
 
+def _check_files(command: str, settings: Settings) -> None:
+    """The space and dataset named on the command line exist: refused before the backend's
+    import, which takes seconds."""
+    from pipeline.data import check_dataset_name
+    from pipeline.space import load_space
+
+    load_space(settings.search_space)
+    if command != "recover":
+        check_dataset_name(settings.dataset)
+
+
 def _resume_hint(command: str, settings: Settings) -> str:
     return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
             f"(and your other options), or the same `mlflow run` command")
@@ -130,6 +141,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
         use_backend(settings.keras_backend)  # before Keras is imported
+        _check_files(command, settings)
         quiet_console()
         run(command, settings)
     except PipelineError as e:

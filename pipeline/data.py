@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.errors import PipelineError
 
@@ -102,6 +101,8 @@ def digest(x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> str:
 
 def _split(x, y, seed: int):
     """Stratified, seeded train/test split for datasets without one."""
+    from sklearn.model_selection import train_test_split  # here: checking a dataset name needs no sklearn
+
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=TEST_FRACTION, stratify=y, random_state=seed)
     return x_tr, y_tr, x_te, y_te
 
@@ -298,17 +299,20 @@ def load_dataset(name: str, seed: int = 42, image_size: int = 0) -> Dataset:
     return data
 
 
+def check_dataset_name(name: str) -> None:
+    """A dataset that is neither known nor a path is refused before anything heavy is imported."""
+    if name not in ("digits", "cifar10") and not Path(name).expanduser().exists():
+        raise PipelineError(f"dataset={name!r}: not a known dataset (digits, cifar10) and no such file or folder")
+
+
 def _load(name: str, seed: int, image_size: int) -> Dataset:
+    check_dataset_name(name)
     if name == "digits":
         data = load_digits(seed)
     elif name == "cifar10":
         data = load_cifar10_keras()
     else:
         path = Path(name).expanduser()
-        if not path.exists():
-            raise PipelineError(
-                f"dataset={name!r}: not a known dataset (digits, cifar10) and no such file or folder"
-            )
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
             data = load_cifar10_archive(path)
         elif path.is_dir() and (path / "data_batch_1").is_file():

@@ -3,8 +3,8 @@ plain dict.
 
 Knows nothing about Optuna. The model takes raw uint8 pixels and scales them itself, so a
 saved model predicts from raw image arrays. Augmentation (`augment_*` params) is layers
-inside the model that act only in training (Keras' Random* layers and `Cutout` are the
-identity when `training=False`), so the saved model predicts exactly as one without them.
+inside the model that act only in training (Keras' RandomFlip, `Translate` and `Cutout`
+are the identity when `training=False`), so the saved model predicts exactly as one without them.
 A learning-rate schedule (`schedule`) spans `total_steps` optimizer steps, which only the
 caller knows (pipeline.train: epochs x steps per epoch). New code here uses `keras.ops`
 only, no TensorFlow calls, so it runs on any Keras backend; the custom layer, schedule
@@ -56,6 +56,36 @@ class Cutout(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "size": self.size, "seed": self.seed}
+
+
+@SERIALIZABLE
+class Translate(layers.Layer):
+    """Training only: shift each image by a uniformly random whole number of pixels in
+    [-shift, shift] along each axis, zeros shifted in (pad by `shift`, then crop at a random
+    offset). The identity at inference. Unlike Keras' RandomTranslation it can be compiled
+    (XLA): a model holding RandomTranslation is never jit-compiled, which on JAX means op by op."""
+
+    def __init__(self, shift: int, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.shift, self.seed = int(shift), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        s, shape = self.shift, ops.shape(images)
+        padded = ops.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
+        offsets = keras.random.randint((shape[0], 2), 0, 2 * s + 1, seed=self.seed_generator)
+        rows = ops.arange(shape[1])[None, :] + offsets[:, :1]  # (batch, height) rows of `padded`
+        cols = ops.arange(shape[2])[None, :] + offsets[:, 1:]
+        out = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
+        return ops.take_along_axis(out, cols[:, None, :, None], axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "shift": self.shift, "seed": self.seed}
 
 
 @SERIALIZABLE
@@ -134,8 +164,7 @@ def augmentation(x, params: dict, input_shape: tuple):
         x = layers.RandomFlip("horizontal")(x)
     shift = params.get("augment_translate", 0)
     if shift > 0:
-        x = layers.RandomTranslation(shift / input_shape[0], shift / input_shape[1], fill_mode="constant",
-                                     interpolation="nearest", fill_value=0.0)(x)
+        x = Translate(shift)(x)
     if params.get("augment_cutout", 0) > 0:
         x = Cutout(params["augment_cutout"])(x)
     return x

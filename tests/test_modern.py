@@ -107,7 +107,7 @@ def test_dry_run_shows_the_new_keys_and_their_layers(modern_space, settings, dig
     assert len(counts) == 3 and counts[0] == build_model(MODERN, (8, 8, 1), 10).count_params()
     first = out.split("sample 1")[0]
     for text in ("augment_flip=True", "augment_cutout=3", "head=global_avg", "schedule=onecycle", "label_smoothing=0.2",
-                 "conv2_residual=True", "(RandomFlip)", "(RandomTranslation)", "(Cutout)", "(Add)",
+                 "conv2_residual=True", "(RandomFlip)", "(Translate)", "(Cutout)", "(Add)",
                  "(GlobalAveragePooling2D)"):
         assert text in first, text
 
@@ -185,7 +185,7 @@ def test_augmentation_acts_in_training_only_and_the_model_predicts_as_without_it
     model = build_model(MODERN, (8, 8, 1), 10)
     plain = build_model({k: v for k, v in MODERN.items() if k not in AUGMENT_KEYS}, (8, 8, 1), 10)
     augment = keras.Model(model.input, model.get_layer(index=4).output)  # pixels, rescaling, flip, translate, cutout
-    assert [type(la).__name__ for la in model.layers[2:5]] == ["RandomFlip", "RandomTranslation", "Cutout"]
+    assert [type(la).__name__ for la in model.layers[2:5]] == ["RandomFlip", "Translate", "Cutout"]
     scaled = np.asarray(model.layers[1](x))  # rescaled pixels
     np.testing.assert_array_equal(np.asarray(augment(x, training=False)), scaled)
     trained = np.asarray(augment(x, training=True))
@@ -196,6 +196,25 @@ def test_augmentation_acts_in_training_only_and_the_model_predicts_as_without_it
     once = model.predict(x, verbose=0)
     np.testing.assert_array_equal(once, model.predict(x, verbose=0))
     np.testing.assert_array_equal(once, plain.predict(x, verbose=0))
+
+
+def test_translate_shifts_whole_pixels_with_zeros_in_and_compiles():
+    from keras.src.trainers.trainer import model_supports_jit
+
+    from pipeline.model import Translate
+
+    image = np.arange(1, 65, dtype="float32").reshape(1, 8, 8, 1)
+    shifted = np.asarray(Translate(2, seed=3)(np.repeat(image, 64, axis=0), training=True))[..., 0]
+    seen = set()
+    for out in shifted:
+        (r, c), value = np.argwhere(out > 0)[0], out[out > 0][0]
+        dy, dx = r - (value - 1) // 8, c - (value - 1) % 8  # where the first kept pixel came from
+        assert -2 <= dy <= 2 and -2 <= dx <= 2
+        np.testing.assert_array_equal(out, np.roll(image[0, ..., 0], (dy, dx), axis=(0, 1)) * (out > 0))
+        assert (out > 0).sum() == (8 - abs(dy)) * (8 - abs(dx))  # zeros shifted in, nothing wrapped
+        seen.add((int(dy), int(dx)))
+    assert len(seen) > 10  # the shifts vary from image to image
+    assert model_supports_jit(build_model(MODERN, (8, 8, 1), 10))  # no layer keeps XLA (JAX's jit) off
 
 
 def test_cutout_zeroes_one_square_per_image():
