@@ -27,10 +27,11 @@ from keras import layers, ops
 SERIALIZABLE = keras.saving.register_keras_serializable(package="pipeline")
 
 
-@SERIALIZABLE
-class Cutout(layers.Layer):
-    """Training only: zero a `size` x `size` square of each image at a uniformly random
-    centre, clipped at the borders (DeVries & Taylor 2017). The identity at inference."""
+class Augmentation(layers.Layer):
+    """A random image transform of `size` pixels in training (`augment`), the identity at
+    inference; the base of Cutout and Translate (their config: `size` under its own name)."""
+
+    size_name = "size"
 
     def __init__(self, size: int, seed=None, **kwargs):
         super().__init__(**kwargs)
@@ -38,9 +39,21 @@ class Cutout(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=None):
-        if not training:
-            return images
-        shape = ops.shape(images)
+        return self.augment(images, ops.shape(images)) if training else images
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), self.size_name: self.size, "seed": self.seed}
+
+
+@SERIALIZABLE
+class Cutout(Augmentation):
+    """Training only: zero a `size` x `size` square of each image at a uniformly random
+    centre, clipped at the borders (DeVries & Taylor 2017). The identity at inference."""
+
+    def augment(self, images, shape):
         centre = keras.random.uniform((shape[0], 2), seed=self.seed_generator)
         top = ops.cast(centre[:, 0] * ops.cast(shape[1], "float32"), "int32") - self.size // 2
         left = ops.cast(centre[:, 1] * ops.cast(shape[2], "float32"), "int32") - self.size // 2
@@ -51,41 +64,27 @@ class Cutout(layers.Layer):
         hole = ops.logical_and(in_rows[:, :, None, None], in_cols[:, None, :, None])
         return ops.where(hole, ops.zeros_like(images), images)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "size": self.size, "seed": self.seed}
-
 
 @SERIALIZABLE
-class Translate(layers.Layer):
+class Translate(Augmentation):
     """Training only: shift each image by a uniformly random whole number of pixels in
     [-shift, shift] along each axis, zeros shifted in (pad by `shift`, then crop at a random
     offset). The identity at inference. Unlike Keras' RandomTranslation it can be compiled
     (XLA): a model holding RandomTranslation is never jit-compiled, which on JAX means op by op."""
 
-    def __init__(self, shift: int, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.shift, self.seed = int(shift), seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+    size_name = "shift"
 
-    def call(self, images, training=None):
-        if not training:
-            return images
-        s, shape = self.shift, ops.shape(images)
+    def __init__(self, shift: int, seed=None, **kwargs):
+        super().__init__(shift, seed, **kwargs)
+
+    def augment(self, images, shape):
+        s = self.size
         padded = ops.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
         offsets = keras.random.randint((shape[0], 2), 0, 2 * s + 1, seed=self.seed_generator)
         rows = ops.arange(shape[1])[None, :] + offsets[:, :1]  # (batch, height) rows of `padded`
         cols = ops.arange(shape[2])[None, :] + offsets[:, 1:]
         out = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
         return ops.take_along_axis(out, cols[:, None, :, None], axis=2)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "shift": self.shift, "seed": self.seed}
 
 
 @SERIALIZABLE
