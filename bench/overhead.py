@@ -73,9 +73,8 @@ def main(argv=None) -> dict:
     with temp_stores() as tmp:
         warm = {}
         if args.warm_start:
-            path, raw = read_file(args.warm_start)
-            space_file = path.parent / raw["search_space"]
-            warm = dict([next(iter(load_configurations(args.warm_start, load_space(space_file), [])[1].items()))])
+            space_file = read_file(args.warm_start)[0]
+            warm = dict([next(iter(load_configurations(args.warm_start)[1].items()))])
         else:
             space_file = fixed_space(tmp)
         space = load_space(space_file)

@@ -59,6 +59,9 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(
                     url,
+                    # a pooled connection is checked before use: after a database restart a worker
+                    # reconnects instead of failing on a connection the server has closed
+                    engine_kwargs={"pool_pre_ping": True},
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),

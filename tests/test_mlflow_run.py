@@ -45,3 +45,29 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
     assert sorted(m.name for m in models) == ["keras_model", "model"]
     assert {m.source_run_id for m in models} == {parent.info.run_id}
     assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+@pytest.mark.slow
+def test_three_mlflow_run_workers_start_together_on_a_fresh_store(tmp_path, tracking_uri):
+    """README "Storages and workers": `mlflow run . -e space` once makes the fresh MLflow store
+    (three workers creating it at once race in MLflow's own schema migration), then three
+    `mlflow run . -e search` workers started together share one study and one parent run."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": tracking_uri}
+    common = [f"{bin_dir}/mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "workers"]
+    study = ["-P", f"storage=journal:///{tmp_path}/study.journal", "-P", "study_name=shared"]
+    prepare = subprocess.run([*common, "-e", "space", "-P", "samples=1"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    workers = [subprocess.Popen([*common, "-e", "search", *study, "-P", "n_trials=3", "-P", "epochs=1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    results = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in results]
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("workers").experiment_id])
+    studies = [r for r in runs if r.data.tags.get("pipeline.role") == "study"]
+    assert len(studies) == 1
+    trials = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in trials)
+    assert numbers == list(range(len(numbers))) and 3 <= len(numbers) <= 5
