@@ -2,7 +2,7 @@
 PostgreSQL study and one `mlflow server` (deploy/stack.py), for M minutes.
 
     python bench/load.py --workers 8 --minutes 3
-    python bench/load.py --workers 32 --minutes 3
+    python bench/load.py --workers 32 --minutes 3 --backend jax   # a JAX worker holds less memory
 
 `deploy/stack.py up` makes a fresh role, databases and server in a temp folder; W workers
 (`deploy/stack.py workers`: only the two URLs and PGPASSWORD) run `search` on digits with a
@@ -14,7 +14,7 @@ metric logging, heartbeat and tell are the rest), and per worker the gap from on
 completion to its next trial's start (tell, ask, sampling). Errors are counted by kind in the
 worker logs; PostgreSQL connections held by the stack's role are sampled every second.
 
-Last line: `name=value` pairs: `workers minutes trials trials_per_min bookkeeping_p50_s
+Last line: `name=value` pairs: `workers minutes backend trials trials_per_min bookkeeping_p50_s
 bookkeeping_p95_s gap_p50_s gap_p95_s pg_connections_max errors_<kind>... failed_workers`.
 """
 
@@ -77,6 +77,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--backend", default="tensorflow", help="the workers' Keras backend (jax: less memory each)")
     args = ap.parse_args(argv)
     import optuna
 
@@ -96,7 +97,7 @@ def main(argv=None) -> dict:
             done = stack("workers", str(args.workers), "--dir", str(folder), "--", "--dataset", "digits",
                          "--search-space", str(folder / "space.yaml"), "--study-name", "load", "--n-trials", "100000",
                          "--epochs", "1", "--pruner", "none", "--timeout", str(seconds), "--experiment-name", "load",
-                         "--heartbeat-interval", "5", "--grace-period", "60",
+                         "--heartbeat-interval", "5", "--grace-period", "60", "--backend", args.backend,
                          check=False, stdout=subprocess.DEVNULL)
             stop.set()
             os.environ["PGPASSWORD"] = stack_module.read_env(folder)["PGPASSWORD"]
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
             gaps.append((t.datetime_start - by_worker[pid]).total_seconds())
         by_worker[pid] = t.datetime_complete
     window = [t for t in complete if (t.datetime_start - first).total_seconds() <= seconds]
-    out = {"workers": args.workers, "minutes": args.minutes, "trials": len(complete),
+    out = {"workers": args.workers, "minutes": args.minutes, "backend": args.backend, "trials": len(complete),
            "trials_per_min": round(len(window) / args.minutes, 1),
            "bookkeeping_p50_s": percentile(bookkeeping, 50), "bookkeeping_p95_s": percentile(bookkeeping, 95),
            "gap_p50_s": percentile(gaps, 50), "gap_p95_s": percentile(gaps, 95),
