@@ -53,8 +53,8 @@ ERRORS = {  # kind: what marks it in a worker's log
 }
 
 
-def stack(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "deploy" / "stack.py"), *args], check=True, **kwargs)
+def stack(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "deploy" / "stack.py"), *args], check=check, **kwargs)
 
 
 def pg_connections(role: str, stop: threading.Event, seen: list) -> None:
