@@ -61,12 +61,15 @@ def run(command: str, settings: Settings, data=None) -> dict:
     Bad settings, space files, warm-start files and data fail here, before any study or run
     is touched.
     """
-    from pipeline.data import check_splittable, load_dataset
+    from pipeline.data import check_dataset_name, check_splittable, load_dataset
     from pipeline.device import configure, set_threads
     from pipeline.space import load_space
     from pipeline.warm_start import load_configurations
 
     space = load_space(settings.search_space)
+    if data is None and command != "recover":
+        check_dataset_name(settings.dataset)  # before the backend's import, which takes seconds
+    quiet_console()
     set_threads(settings.threads)  # before the backend runs anything (resizing images does)
     if command == "recover":
         return _recover(settings, space)
@@ -115,17 +118,6 @@ def _recover(settings: Settings, space) -> dict:
     return {}
 
 
-def _check_files(command: str, settings: Settings) -> None:
-    """The space and dataset named on the command line exist: refused before the backend's
-    import, which takes seconds."""
-    from pipeline.data import check_dataset_name
-    from pipeline.space import load_space
-
-    load_space(settings.search_space)
-    if command != "recover":
-        check_dataset_name(settings.dataset)
-
-
 def _resume_hint(command: str, settings: Settings) -> str:
     return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
             f"(and your other options), or the same `mlflow run` command")
@@ -141,8 +133,6 @@ def _main(argv: list[str] | None) -> int:
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
         use_backend(settings.keras_backend)  # before Keras is imported
-        _check_files(command, settings)
-        quiet_console()
         run(command, settings)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
