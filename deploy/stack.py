@@ -3,6 +3,7 @@
     python deploy/stack.py up      [--dir .stack] [--port 5000]    # databases + MLflow server
     source .stack/env                                              # MLFLOW_TRACKING_URI, PGPASSWORD, OPTUNA_STORAGE
     python deploy/stack.py workers 3 [--dir .stack] -- --study-name s --n-trials 20 ...
+    python deploy/stack.py restart [--dir .stack] [--outage 20]    # stop the MLflow server, wait, start it
     python deploy/stack.py down    [--dir .stack] [--drop]         # stop what it started (--drop: the databases too)
 
 `up` creates a fresh role with a random password and two databases it owns on the PostgreSQL
@@ -103,6 +104,26 @@ def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: floa
          f"cleans up); log: {log}")
 
 
+def start_server(folder: Path, command: list[str], password: str) -> subprocess.Popen:
+    """The MLflow server in its own session: it outlives `up`, and `down` stops its whole group."""
+    with open(folder / "mlflow-server.log", "a") as out:
+        return subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ, "PGPASSWORD": password})
+
+
+def restart(args) -> None:
+    """Stop the MLflow server, wait `--outage` seconds, start it again (a drill, an upgrade)."""
+    folder = Path(args.dir).resolve()
+    state = read_state(folder)
+    stop([state["server_pid"]], args.wait, group=True)
+    print(f"MLflow server stopped; starting it again in {args.outage:g} s", flush=True)
+    time.sleep(args.outage)
+    server = start_server(folder, state["server_command"], read_env(folder)["PGPASSWORD"])
+    (folder / "stack.json").write_text(json.dumps({**state, "server_pid": server.pid}, indent=2))
+    wait_for_health(state["tracking_uri"], server, folder / "mlflow-server.log")
+    print(f"MLflow server answers again at {state['tracking_uri']}", flush=True)
+
+
 def up(args) -> None:
     folder = Path(args.dir).resolve()
     state_file = folder / "stack.json"
@@ -128,11 +149,10 @@ def up(args) -> None:
                "--host", args.host, "--port", str(args.port), "--workers", str(args.server_workers)]
     if args.host == "0.0.0.0":  # MLflow answers only the Host names it is told of
         command += ["--allowed-hosts", ",".join(f"{h}:{args.port}" for h in (name, "localhost", "127.0.0.1"))]
-    with open(log, "w") as out:  # its own session: it outlives `up`, and `down` stops its whole group
-        server = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ, "PGPASSWORD": password})
-    state = {"server_pid": server.pid, "tracking_uri": url, "storage": with_password_variable(storage),
-             "role": role, "admin": args.admin if role else None, "databases": [storage, backend] if role else []}
+    server = start_server(folder, command, password)
+    state = {"server_pid": server.pid, "server_command": command, "tracking_uri": url,
+             "storage": with_password_variable(storage), "role": role, "admin": args.admin if role else None,
+             "databases": [storage, backend] if role else []}
     state_file.write_text(json.dumps(state, indent=2))
     wait_for_health(url, server, log)
     env_file = folder / "env"
@@ -260,6 +280,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("workers", help="run N search workers until they end")
     p.add_argument("n", type=int)
     p.epilog = "after `--`: options of `python -m pipeline search`"
+    p = sub.add_parser("restart", help="stop the MLflow server, wait, start it again")
+    p.add_argument("--outage", type=float, default=20, help="seconds the server stays down")
+    p.add_argument("--wait", type=float, default=10, help="seconds between SIGTERM and SIGKILL")
     p = sub.add_parser("down", help="stop the MLflow server and workers")
     p.add_argument("--drop", action="store_true", help="also drop the databases and role `up` created")
     p.add_argument("--wait", type=float, default=10, help="seconds between SIGTERM and SIGKILL")
@@ -269,7 +292,7 @@ def main(argv=None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
     args.pipeline_args = argv[cut + 1:]
-    return {"up": up, "workers": workers, "down": down}[args.command](args) or 0
+    return {"up": up, "workers": workers, "restart": restart, "down": down}[args.command](args) or 0
 
 
 if __name__ == "__main__":

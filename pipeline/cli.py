@@ -23,6 +23,7 @@ from pipeline.device import use_backend
 from pipeline.errors import PipelineError
 from pipeline.names import mask
 from pipeline.quiet import quiet_console
+from pipeline.retries import Unreachable, log_http_retries
 
 COMMANDS = {
     "main": "search, then refit the best configuration and score it on the test split",
@@ -70,6 +71,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     if data is None and command != "recover":
         check_dataset_name(settings.dataset)  # before the backend's import, which takes seconds
     quiet_console()
+    log_http_retries()
     set_threads(settings.threads)  # before the backend runs anything (resizing images does)
     if command == "recover":
         return _recover(settings, space)
@@ -134,6 +136,11 @@ def _main(argv: list[str] | None) -> int:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
         use_backend(settings.keras_backend)  # before Keras is imported
         run(command, settings)
+    except Unreachable as e:
+        print(f"error: {e}; the running trial fails, the study keeps every finished trial", file=sys.stderr)
+        if settings:
+            print(_resume_hint(command, settings), file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 EXTRA_OBJECTIVES = ("params", "latency_ms")  # minimized beside the metric in multi-objective studies
 DEFAULT_OBJECTIVES = "val_accuracy"
+METRICS = ("val_accuracy", "val_loss")  # the validation metrics a fit reports
 BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's backends
 SEARCHES = ("main", "search")  # the commands that search
 REFITS = ("main", "refit")  # the commands that refit and test
@@ -50,7 +51,8 @@ class Settings:
     registered_model_name: str = _param("", "MLflow registered model of the refit (default: the study name)")
     # issue 3: distributed, resumable, crash-safe studies
     heartbeat_interval: int = _param(10, "seconds between a running trial's heartbeats (RDB storages)")
-    grace_period: int = _param(30, "seconds without a heartbeat before a trial counts as dead (RDB storages)")
+    grace_period: int = _param(30, "seconds without a heartbeat before a trial counts as dead (RDB storages); "
+                                   "workers wait out a database outage of grace_period - heartbeat_interval s")
     # issue 6: multi-objective search, warm starts, space dry run
     objectives: str = _param(DEFAULT_OBJECTIVES, "comma list: the metric first, then params and/or latency_ms (minimized)")
     select: str = _param("", "refit rule for multi-objective studies, e.g. max_params=50000 (default: most accurate)")
@@ -86,7 +88,7 @@ class Settings:
             (self.pruner in PRUNERS, "pruner", f"must be one of {', '.join(PRUNERS)}"),
             (self.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}"),
             (self.direction in ("maximize", "minimize"), "direction", "must be maximize or minimize"),
-            (self.metric.startswith("val_"), "metric", "must be a validation metric (val_*)"),
+            (self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)} (what a fit reports)"),
             (bool(self.dataset), "dataset", "must not be empty"),
             (bool(self.storage), "storage", "must not be empty"),
             (not set("/:") & set(self.registered_model_name), "registered_model_name", "must not contain '/' or ':'"),

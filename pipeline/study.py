@@ -5,7 +5,8 @@ deadline that `timeout` sets.
 Storages: `sqlite:///file.db` (one worker), `journal:///abs/path.journal` (several workers
 on one machine), `postgresql://...` / `mysql://...` (workers on many machines). RDB
 storages get heartbeats, so a killed worker's trial turns FAIL and is retried; journal
-storages are recovered by `pipeline.recover`. `$VAR` / `${VAR}` in a URL are expanded from
+storages are recovered by `pipeline.recover`. A database outage shorter than grace_period -
+heartbeat_interval (20 s by default) is ridden out (`PatientRDBStorage`). `$VAR` / `${VAR}` in a URL are expanded from
 the environment, so a password need not appear on a command line or in MLflow params.
 
 Several workers may start on a fresh study at once: the storage lets exactly one create it
@@ -30,6 +31,7 @@ from pipeline import names
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.names import mask
+from pipeline.retries import patient
 
 HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats (RDB storages)
 GRACE_PERIOD = 30  # seconds without a heartbeat before a trial counts as dead
@@ -38,6 +40,26 @@ TPE_STARTUP = 5  # random trials before TPE models the study (Optuna's default, 
 PRUNE_AFTER = 2  # epochs every trial trains before the median pruner may stop it (slow starters survive)
 DRIVERS = {"postgresql://": "postgresql+psycopg2://", "mysql://": "mysql+pymysql://"}  # the pinned ones
 COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+class PatientRDBStorage(RDBStorage):
+    """RDBStorage that rides out a short database outage (a restart): every call that cannot
+    reach the database is retried for `patience` seconds (`pipeline.retries`), a heartbeat
+    that cannot be recorded is skipped. `make_storage` sets `patience` to grace_period -
+    heartbeat_interval: a worker that waited longer could find its trial taken for dead."""
+
+    patience = GRACE_PERIOD - HEARTBEAT_INTERVAL
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+              "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
+              "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_state_values",
+              "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+              "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
+              "_get_stale_trial_ids"):
+    setattr(PatientRDBStorage, _name, patient(getattr(RDBStorage, _name)))
+PatientRDBStorage.record_heartbeat = patient(RDBStorage.record_heartbeat, skip=True)
 
 
 def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
@@ -57,7 +79,7 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = PatientRDBStorage(
                     url,
                     # a pooled connection is checked before use: after a database restart a worker
                     # reconnects instead of failing on a connection the server has closed
@@ -66,6 +88,8 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                 )
+                storage.patience = grace_period - heartbeat_interval
+                return storage
         except Exception as e:
             # Workers opening a fresh database at once race to create Optuna's tables: try again.
             if attempt < 4 and (isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)):

@@ -1,0 +1,153 @@
+"""A study database that goes away: real PostgreSQL behind a TCP relay the test cuts, as a
+server restart or a network outage would. A short outage is ridden out with one retry line
+per attempt; a longer one fails the running trial with a one-line error (exit 75), and the
+study resumes once the database is back. (The tracking server's restart and a real
+PostgreSQL restart: `deploy/drill.py`, figures in bench/README.md.)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from conftest import ROOT
+from test_distributed import TINY_SPACE, postgres  # noqa: F401  (a fixture)
+from mlflow.tracking import MlflowClient
+
+from pipeline.retries import Unreachable
+from pipeline.study import make_storage
+
+
+class Relay:
+    """TCP from a free local port to PostgreSQL. `down()` closes the port and every relayed
+    connection, as a stopping server does; `up()` listens on the same port again."""
+
+    def __init__(self, target=("127.0.0.1", 5432)):
+        self.target, self.connections = target, []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.up()
+
+    def up(self):
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self):
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for c in self.connections:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self.connections = []
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.connections += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def relayed(postgres):  # noqa: F811
+    """(URL through a relay, direct URL, password, the relay)."""
+    url, password = postgres
+    relay = Relay()
+    yield url.replace(":5432/", f":{relay.port}/"), url, password, relay
+    relay.listener.close()
+
+
+def test_a_storage_call_rides_out_a_short_outage_and_says_so(relayed, capfd):
+    url, _, password, relay = relayed
+    storage = make_storage(url, heartbeat_interval=1, grace_period=12)  # waits up to 11 s
+    optuna.create_study(storage=storage, study_name="s").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    relay.down()
+    threading.Timer(3, relay.up).start()
+    start = time.monotonic()
+    trials = storage.get_all_trials(storage.get_study_id_from_name("s"))
+    waited = time.monotonic() - start
+    assert len(trials) == 2 and 2.5 < waited < 11
+    err = capfd.readouterr().err
+    assert "the study database: " in err and "retry 1 in 1.0 s" in err and "retry 2 in 2.0 s" in err
+    assert password not in err
+
+
+def test_a_longer_outage_ends_in_a_one_line_error_after_the_patience(relayed):
+    url, _, password, relay = relayed
+    storage = make_storage(url, heartbeat_interval=1, grace_period=4)  # waits up to 3 s
+    optuna.create_study(storage=storage, study_name="s")
+    relay.down()
+    start = time.monotonic()
+    with pytest.raises(Unreachable, match=r"^the study database did not answer for 3 s \(") as e:
+        storage.get_study_id_from_name("s")
+    assert 2.5 < time.monotonic() - start < 6
+    assert "\n" not in str(e.value) and password not in str(e.value)
+
+
+def test_a_worker_fails_its_trial_cleanly_when_the_database_stays_away_and_the_study_resumes(relayed, tmp_path):
+    url, direct, password, relay = relayed
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PGPASSWORD": password}
+    env.pop("MLFLOW_RUN_ID", None)
+
+    def worker(*extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "search", "--dataset", "digits", "--search-space", str(space),
+             "--storage", url.replace(password, "$PGPASSWORD"), "--study-name", "s", "--n-trials", "3",
+             "--experiment-name", "outage", "--heartbeat-interval", "1", "--grace-period", "4", "--threads", "1",
+             *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = worker("--epochs", "300", "--patience", "300", "--pruner", "none")  # a trial that runs until cut
+    storage = make_storage(direct)
+    deadline = time.monotonic() + 120
+    while not any(t.intermediate_values for t in _trials(storage)):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.5)
+    relay.down()
+    start = time.monotonic()
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 75, err[-3000:]
+    assert time.monotonic() - start < 20  # the patience (3 s) for the report, then for the FAIL
+    assert "Traceback" not in err and password not in err
+    lines = err.strip().splitlines()
+    assert any(" retry 1 in 1.0 s" in line for line in lines)
+    assert lines[-2].startswith("error: the study database did not answer for 3 s (")
+    assert lines[-1].startswith("resume: python -m pipeline search --study-name s")
+
+    relay.up()
+    second = worker("--epochs", "2")
+    _, err = second.communicate(timeout=240)
+    assert second.returncode == 0, err[-3000:]
+    states = [t.state for t in _trials(storage)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3, states
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and optuna.trial.TrialState.RUNNING not in states
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+
+
+def _trials(storage):
+    return storage.get_all_trials(storage.get_study_id_from_name("s")) if storage.get_all_studies() else []
