@@ -29,6 +29,7 @@ import argparse
 import collections
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stack  # noqa: E402
+
+sys.path.insert(0, str(stack.ROOT))
 
 SPACE = """\
 description: one small conv net (the drill's trials take a second or two)
@@ -102,13 +105,14 @@ def study_figures(storage, study: str, client, experiment_id: str) -> dict:
 def log_lines(folder: Path, since: set[str]) -> tuple[dict, set[str]]:
     """Counts of retry and error lines in the worker logs not in `since`."""
     logs = {p.name for p in folder.glob("worker-*.log")} - since
-    kinds = {"study database retries": "the study database: ", "heartbeats skipped": "heartbeat skipped",
+    kinds = {"study database retries": "the study database: ", "heartbeats skipped": "the study database: ",
              "tracking server retries": "tracking server: ", "one-line errors": "error: ", "tracebacks": "Traceback"}
     counts = dict.fromkeys(kinds, 0)
     for name in logs:
-        text = (folder / name).read_text(errors="replace")
-        for kind, mark in kinds.items():
-            counts[kind] += text.count(mark)
+        for line in (folder / name).read_text(errors="replace").splitlines():
+            for kind, start in kinds.items():
+                skipped = line.endswith("heartbeat skipped")
+                counts[kind] += line.startswith(start) and skipped == (kind == "heartbeats skipped")
     return counts, since | logs
 
 
@@ -121,6 +125,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--pg-stop", default="", help="command that stops PostgreSQL (default: pg_ctlcluster ... stop)")
     ap.add_argument("--pg-start", default="", help="command that starts it again")
     ap.add_argument("--port", type=int, default=5077)
+    ap.add_argument("--logs", default="", help="copy the worker and server logs into this folder")
     args = ap.parse_args(argv)
     cluster = [] if args.pg_stop and args.pg_start else local_cluster()
     pg_stop = args.pg_stop.split() or [*cluster, "stop", "-m", "fast"]
@@ -176,6 +181,10 @@ def main(argv=None) -> dict:
                            "resume_exit_code": resume, **after, **lines}
             texts = [p.read_text(errors="replace") for p in folder.glob("*.log")]
             out["password_in_logs"] = any(password in t for t in texts)
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                for log in folder.glob("*.log"):
+                    shutil.copy(log, args.logs)
         finally:
             subprocess.run(pg_start, capture_output=True)  # whatever happened, PostgreSQL runs again
             subprocess.run([sys.executable, str(stack.ROOT / "deploy" / "stack.py"), "down", "--dir", str(folder),

@@ -15,7 +15,10 @@ marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline import interrupts, names
 from pipeline.config import SEARCHES, Settings, fields
@@ -23,7 +26,9 @@ from pipeline.device import use_backend
 from pipeline.errors import PipelineError
 from pipeline.names import mask
 from pipeline.quiet import quiet_console
-from pipeline.retries import Unreachable, log_http_retries
+from pipeline.retries import Unreachable, log_retries, server_unreachable, tracking_unreachable
+
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 COMMANDS = {
     "main": "search, then refit the best configuration and score it on the test split",
@@ -68,10 +73,11 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.warm_start import load_configurations
 
     space = load_space(settings.search_space)
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
     if data is None and command != "recover":
         check_dataset_name(settings.dataset)  # before the backend's import, which takes seconds
     quiet_console()
-    log_http_retries()
+    log_retries()
     set_threads(settings.threads)  # before the backend runs anything (resizing images does)
     if command == "recover":
         return _recover(settings, space)
@@ -120,6 +126,19 @@ def _recover(settings: Settings, space) -> dict:
     return {}
 
 
+def check_tracking_uri(uri: str) -> None:
+    """MLFLOW_TRACKING_URI as a one-line error where it cannot work: an unknown scheme, or a
+    SQLite file whose folder is missing (MLflow would fail deep inside, with a traceback)."""
+    scheme = urlsplit(uri).scheme.split("+")[0]
+    if scheme not in TRACKING_SCHEMES:
+        raise PipelineError(f"MLFLOW_TRACKING_URI={mask(uri)}: unknown scheme {scheme!r} (expected a folder, "
+                            "sqlite:///file.db, http(s)://server or a database URL)")
+    if scheme == "sqlite":
+        folder = Path(uri.split("///", 1)[-1]).parent
+        if not folder.is_dir():
+            raise PipelineError(f"MLFLOW_TRACKING_URI={mask(uri)}: folder {folder} does not exist")
+
+
 def _resume_hint(command: str, settings: Settings) -> str:
     return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
             f"(and your other options), or the same `mlflow run` command")
@@ -144,6 +163,11 @@ def _main(argv: list[str] | None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not server_unreachable(e):
+            raise
+        print(f"error: {tracking_unreachable(os.environ.get('MLFLOW_TRACKING_URI', ''))}", file=sys.stderr)
+        return 75
     except KeyboardInterrupt as e:
         name = str(e) or "SIGINT"
         print(f"interrupted by {name}: the running trial is marked FAIL (user attr fail_reason) and its "

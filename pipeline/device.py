@@ -18,6 +18,7 @@ precision and the backend, and CUDA_VISIBLE_DEVICES where it is set (one worker 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -35,6 +36,9 @@ def use_backend(name: str) -> None:
         if keras.backend.backend() != name:
             raise PipelineError(f"backend={name!r}: Keras already runs on {keras.backend.backend()!r} in this "
                                 "process (the backend is fixed when Keras is imported)")
+    elif importlib.util.find_spec(name) is None:
+        raise PipelineError(f"backend={name!r}: the {name} package is not installed "
+                            f"(README, \"Backends and GPUs\", says how to install it)")
     os.environ["KERAS_BACKEND"] = name
 
 

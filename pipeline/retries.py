@@ -6,7 +6,7 @@
   A heartbeat that cannot be recorded is skipped: the next one tries again.
 - The tracking server: MLflow's client retries a failed HTTP request itself (up to
   MLFLOW_HTTP_REQUEST_MAX_RETRIES times, 7 by default, with backoff: about 4 minutes) and says
-  nothing while it does; `log_http_retries()` prints one line per retry.
+  nothing while it does; `log_retries()` prints one line per retry.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def server_unreachable(e: BaseException) -> bool:
     import mlflow
 
     return isinstance(e, mlflow.exceptions.MlflowException) and "Max retries exceeded" in str(e)
+
+
+def tracking_unreachable(uri: str) -> Unreachable:
+    return Unreachable(f"the tracking server {mask(uri)} did not answer "
+                       "(MLFLOW_HTTP_REQUEST_MAX_RETRIES sets how long a worker waits)")
 
 
 def patient(method, skip: bool = False, what: str = "the study database"):
@@ -92,8 +97,22 @@ class _HttpRetryLine(logging.Filter):
         return False
 
 
-def log_http_retries() -> None:
-    """One stderr line per retry of MLflow's HTTP client (urllib3 logs them, to no handler)."""
+class _NoOutageTraceback(logging.Filter):
+    """Optuna's "Trial n failed" warning without the traceback when the cause is an outage
+    (the one-line error says it all)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Unreachable):
+            record.exc_info = None
+        return True
+
+
+def log_retries() -> None:
+    """One stderr line per retry of MLflow's HTTP client (urllib3 logs them, to no handler);
+    no traceback in Optuna's warning about a trial an outage failed."""
+    optuna_logger = logging.getLogger("optuna.study._optimize")  # where a failed trial is reported
+    if not any(isinstance(f, _NoOutageTraceback) for f in optuna_logger.filters):
+        optuna_logger.addFilter(_NoOutageTraceback())
     logger = logging.getLogger("urllib3.connectionpool")
     if any(isinstance(f, _HttpRetryLine) for f in logger.filters):
         return

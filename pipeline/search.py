@@ -38,19 +38,23 @@ DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the dead
 class FoldPruning(KerasPruningCallback):
     """KerasPruningCallback whose steps continue across CV folds (fold k starts at k * epochs).
 
-    With `prune=False` (warm-start trials) it only reports: a known configuration is trained
-    to the end and serves the pruner as a reference for the trials after it.
+    At `last_step` (the trial's final epoch of its final fold) it only reports: a trial pruned
+    there has trained all it would, and its finished result would be thrown away (seen in
+    bench/search_vs_random.py, 2026-11-26: 3 of 25 trials pruned at their last epoch). With
+    `prune=False` (warm-start trials) it only reports: a known configuration is trained to the
+    end and serves the pruner as a reference for the trials after it.
     """
 
-    def __init__(self, trial, monitor: str, step_offset: int = 0, prune: bool = True):
+    def __init__(self, trial, monitor: str, step_offset: int = 0, prune: bool = True, last_step: int = -1):
         super().__init__(trial, monitor)
-        self.step_offset, self.prune = step_offset, prune
+        self.step_offset, self.prune, self.last_step = step_offset, prune, last_step
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.prune:
-            super().on_epoch_end(epoch + self.step_offset, logs)
+        step = epoch + self.step_offset
+        if self.prune and step != self.last_step:
+            super().on_epoch_end(step, logs)
         elif self._monitor in (logs or {}):
-            self._trial.report(float(logs[self._monitor]), step=epoch + self.step_offset)
+            self._trial.report(float(logs[self._monitor]), step=step)
 
 
 class Objective:
@@ -79,7 +83,8 @@ class Objective:
                 offset = k * s.epochs
                 callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
                 if s.pruning:
-                    callbacks.append(FoldPruning(trial, s.metric, offset, prune=names.WARM_START not in trial.user_attrs))
+                    callbacks.append(FoldPruning(trial, s.metric, offset, prune=names.WARM_START not in trial.user_attrs,
+                                                 last_step=len(self.splits) * s.epochs - 1))
                 callbacks += self.extra_callbacks
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,

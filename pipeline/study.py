@@ -57,7 +57,8 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
               "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_state_values",
               "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
               "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "get_best_trial",
-              "_get_stale_trial_ids"):
+              # what Optuna's cache and heartbeat call directly
+              "_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials", "_get_stale_trial_ids"):
     setattr(PatientRDBStorage, _name, patient(getattr(RDBStorage, _name)))
 PatientRDBStorage.record_heartbeat = patient(RDBStorage.record_heartbeat, skip=True)
 

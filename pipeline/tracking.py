@@ -39,7 +39,7 @@ from pipeline import names
 from pipeline.config import Settings
 from pipeline.data import Lineage
 from pipeline.names import mask, prefixed
-from pipeline.retries import Unreachable, server_unreachable
+from pipeline.retries import server_unreachable, tracking_unreachable
 
 PARENT_WAIT = 60  # seconds a worker that did not create the study waits for its parent run
 FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_reason`) of a failed trial
@@ -326,8 +326,7 @@ class Tracker:
         except Exception as e:
             if server_unreachable(e):  # the run cannot be ended: a later worker closes it (close_dead_runs)
                 trial.set_user_attr(names.FAIL_REASON, "tracking server unreachable")
-                raise Unreachable(f"the tracking server {mask(mlflow.get_tracking_uri())} did not answer "
-                                  f"(MLFLOW_HTTP_REQUEST_MAX_RETRIES sets how long a worker waits)") from None
+                raise tracking_unreachable(mlflow.get_tracking_uri()) from None
             self.end(run_id, "FAILED", "FAIL", f"{type(e).__name__}: {e}")
             raise
         except BaseException as e:  # Ctrl-C or SIGTERM (see pipeline.interrupts)

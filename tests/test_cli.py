@@ -3,6 +3,7 @@ no traceback, and leaves what was recorded before intact."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -40,6 +41,9 @@ def test_options_accept_dashes_and_underscores():
         (["--colour", "red"], "unrecognized arguments: --colour red"),
         (["--dataset", "nowhere"], "dataset='nowhere': not a known dataset"),
         (["--search-space", "search_spaces/none.yaml"], "search_spaces/none.yaml: search-space file not found"),
+        (["--metric", "val_f1"], "metric='val_f1': must be one of val_accuracy, val_loss"),
+        pytest.param(["--backend", "torch"], "backend='torch': the torch package is not installed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, fragment):
@@ -47,6 +51,60 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, fragment):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+BAD_FILES = {"malformed.yaml": "x: [\n", "list.yaml": "- a\n- b\n",
+             "configurations.yaml": "search_space: seed.yaml\nconfigurations: [1, 2]\n"}
+
+
+@pytest.mark.parametrize(
+    "args, env, fragment",
+    [
+        # file formats: search space, warm start, baselines
+        (["--search-space", "{tmp}/malformed.yaml"], {}, "malformed.yaml: cannot read search space: "),
+        (["--search-space", "{tmp}/list.yaml"], {}, "list.yaml: a search space must be a YAML mapping"),
+        (["--warm-start", "{tmp}/malformed.yaml"], {}, "malformed.yaml: cannot read configurations: "),
+        (["--warm-start", "{tmp}/configurations.yaml"], {}, "key 'configurations' must map names to params"),
+        (["--warm-start", "{tmp}/none.yaml"], {}, "none.yaml: configurations file not found"),
+        # each storage URL form
+        (["--storage", "sqlite://o.db"], {}, "storage=sqlite://o.db: cannot open (ArgumentError: Invalid SQLite URL"),
+        (["--storage", "sqlite:///{tmp}/no/o.db"], {}, "unable to open database file"),
+        (["--storage", "journal:///{tmp}/no/s.journal"], {}, "/no does not exist"),
+        (["--storage", "redis://localhost"], {}, "storage=redis://localhost: expected sqlite:///..., journal:///..."),
+        (["--storage", "postgresql://u:hunter2@127.0.0.1:1/db"], {}, "storage=postgresql://u:***@127.0.0.1:1/db: cannot open"),
+        (["--storage", "mysql://u:hunter2@127.0.0.1:1/db"], {}, "storage=mysql://u:***@127.0.0.1:1/db: cannot open"),
+        # the tracking store
+        ([], {"MLFLOW_TRACKING_URI": "foo://x"}, "MLFLOW_TRACKING_URI=foo://x: unknown scheme 'foo'"),
+        ([], {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/no/mlflow.db"}, "/no does not exist"),
+    ],
+    ids=["space-yaml", "space-not-mapping", "warm-start-yaml", "warm-start-shape", "warm-start-missing",
+         "sqlite-two-slashes", "sqlite-missing-folder", "journal-missing-folder", "unknown-scheme",
+         "postgresql-unreachable", "mysql-unreachable", "tracking-scheme", "tracking-sqlite-folder"],
+)
+def test_each_kind_of_bad_input_is_one_line_and_exit_2(tmp_path, tracking_uri, monkeypatch, capsys, args, env, fragment):
+    """File formats, storage URL forms and the tracking store, in this process: a traceback
+    would be an exception out of `main`."""
+    from pipeline.cli import main
+
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--storage" not in args:
+        args += ["--storage", f"sqlite:///{tmp_path}/o.db"]
+    code = main(["search", "--n-trials", "1", "--epochs", "1", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert fragment in err and "hunter2" not in err
+
+
+def test_an_unreachable_tracking_server_is_one_line_and_exit_75(tmp_path):
+    result = pipeline("search", "--storage", f"sqlite:///{tmp_path}/o.db", "--n-trials", "1",
+                      env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert result.returncode == 75 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == ("error: the tracking server http://127.0.0.1:1 did not answer "
+                                                      "(MLFLOW_HTTP_REQUEST_MAX_RETRIES sets how long a worker waits)")
 
 
 def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri):

@@ -120,7 +120,7 @@ def test_a_worker_fails_its_trial_cleanly_when_the_database_stays_away_and_the_s
              "--experiment-name", "outage", "--heartbeat-interval", "1", "--grace-period", "4", "--threads", "1",
              *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    first = worker("--epochs", "300", "--patience", "300", "--pruner", "none")  # a trial that runs until cut
+    first = worker("--epochs", "300", "--patience", "300")  # a trial that reports each epoch and runs until cut
     storage = make_storage(direct)
     deadline = time.monotonic() + 120
     while not any(t.intermediate_values for t in _trials(storage)):

@@ -86,7 +86,7 @@ def write_space(tmp_path, learning_rates):
 def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
     """Three good trials, then one that cannot learn (learning rate 1e-9): the median
     pruner stops it after its third epoch, Optuna says PRUNED and so does MLflow."""
-    s = settings.replace(search_space=write_space(tmp_path, "[0.003, 0.000000001]"), epochs=3,
+    s = settings.replace(search_space=write_space(tmp_path, "[0.003, 0.000000001]"), epochs=4,
                          n_trials=4, cv_folds=cv_folds, pruner="median")
     space = load_space(s.search_space)
     study = open_study(s, space)
@@ -101,6 +101,21 @@ def test_pruning_prunes_a_hopeless_trial(tmp_path, settings, digits, cv_folds):
     assert child.data.tags["optuna.trial_state"] == "PRUNED"
     assert child.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
     assert child.data.metrics["params_count"] > 0, "a pruned trial has its parameter count too"
+
+
+def test_a_trial_is_never_pruned_at_its_last_epoch(tmp_path, settings, digits):
+    """The hopeless trial again, with an epoch cap that ends where pruning starts: pruning
+    there would save no training and throw a finished result away, so it completes."""
+    s = settings.replace(search_space=write_space(tmp_path, "[0.003, 0.000000001]"), epochs=PRUNE_AFTER + 1,
+                         n_trials=4, pruner="median")
+    space = load_space(s.search_space)
+    study = open_study(s, space)
+    for lr in (0.003, 0.003, 0.003, 1e-9):
+        study.enqueue_trial({"learning_rate": lr})
+    run_study("search", s, digits, space)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert sorted(study.trials[3].intermediate_values) == list(range(PRUNE_AFTER + 1))
+    assert study.trials[3].value < min(t.value for t in study.trials[:3])
 
 
 def test_cross_validation_scores_each_trial_by_the_mean_over_folds(tmp_path, settings, digits):
