@@ -95,7 +95,7 @@ def test_search_vs_random_bench_runs_both_sides_and_ends_with_the_verdict(tracki
         assert out[f"{side}_complete"] >= 1 and 0 < out[f"{side}_test_accuracy"] <= 1
     assert out["random_s_to_random_best"] > 0
     rows = csv_file.read_text().splitlines()
-    assert rows[0].startswith("side,number,state") and len(rows) - 1 >= 2
+    assert rows[0].startswith("seed,side,number,state") and len(rows) - 1 >= 2
 
 
 def test_train_reports_the_best_epoch_from_the_tf_data_path(digits):
