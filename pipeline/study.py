@@ -6,8 +6,9 @@ Storages: `sqlite:///file.db` (one worker), `journal:///abs/path.journal` (sever
 on one machine), `postgresql://...` / `mysql://...` (workers on many machines). RDB
 storages get heartbeats, so a killed worker's trial turns FAIL and is retried; journal
 storages are recovered by `pipeline.recover`. A database outage shorter than grace_period -
-heartbeat_interval (20 s by default) is ridden out (`PatientRDBStorage`). `$VAR` / `${VAR}` in a URL are expanded from
-the environment, so a password need not appear on a command line or in MLflow params.
+heartbeat_interval (20 s by default) is ridden out (`PatientRDBStorage`). `$VAR` / `${VAR}`
+in a URL are expanded from the environment, so a password need not appear on a command line
+or in MLflow params.
 
 Several workers may start on a fresh study at once: the storage lets exactly one create it
 (`join_study` says which), and the sampler is reseeded per trial number, so workers that
@@ -45,10 +46,12 @@ COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 class PatientRDBStorage(RDBStorage):
     """RDBStorage that rides out a short database outage (a restart): every call that cannot
     reach the database is retried for `patience` seconds (`pipeline.retries`), a heartbeat
-    that cannot be recorded is skipped. `make_storage` sets `patience` to grace_period -
-    heartbeat_interval: a worker that waited longer could find its trial taken for dead."""
+    that cannot be recorded is skipped."""
 
-    patience = GRACE_PERIOD - HEARTBEAT_INTERVAL
+    @property
+    def patience(self) -> float:
+        """grace_period - heartbeat_interval: a worker that waited longer could find its trial taken for dead."""
+        return self.grace_period - self.heartbeat_interval
 
 
 for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
@@ -80,7 +83,7 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = PatientRDBStorage(
+                return PatientRDBStorage(
                     url,
                     # a pooled connection is checked before use: after a database restart a worker
                     # reconnects instead of failing on a connection the server has closed
@@ -89,8 +92,6 @@ def make_storage(url: str, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_p
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
                 )
-                storage.patience = grace_period - heartbeat_interval
-                return storage
         except Exception as e:
             # Workers opening a fresh database at once race to create Optuna's tables: try again.
             if attempt < 4 and (isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)):

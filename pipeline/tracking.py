@@ -56,7 +56,7 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
-def _client() -> MlflowClient:
+def store_client() -> MlflowClient:
     """An MlflowClient. On first use MLflow sets up a SQLite store's tables, and workers doing
     that at once corrupt it: they take turns, with a file lock beside the database."""
     uri = mlflow.get_tracking_uri()
@@ -205,7 +205,7 @@ class Tracker:
         worker has just created the study (see `pipeline.study.join_study`) and is about to
         store its parent run id: wait for it. `device`: which device trains, tagged on the
         parent, worker and child runs."""
-        self.client = _client()
+        self.client = store_client()
         self.settings, self.study, self.device = settings, study, device
         self._loggers: dict[str, list[EpochLogger]] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-epoch-log")

@@ -71,10 +71,12 @@ def digits(_digits):
 
 
 def runs_of(experiment_name: str):
-    """All runs of an experiment as a list of mlflow Run objects."""
-    from mlflow.tracking import MlflowClient
+    """All runs of an experiment as a list of mlflow Run objects. The pipeline's client: on a
+    fresh SQLite store it takes the workers' lock, so polling while a worker creates the
+    store's tables cannot race it (a worker died in MLflow's migration that way)."""
+    from pipeline.tracking import store_client
 
-    client = MlflowClient()
+    client = store_client()
     experiment = client.get_experiment_by_name(experiment_name)
     return client.search_runs([experiment.experiment_id], max_results=1000)
 

@@ -159,8 +159,9 @@ def trial_runs() -> dict[int, list]:
     return runs
 
 
-def wait_until_training(timeout=120):
-    """Wait until a trial's MLflow run is RUNNING and has logged an epoch; return it."""
+def wait_until_training(timeout=120, proc=None):
+    """Wait until a trial's MLflow run is RUNNING and has logged an epoch; return it. `proc`:
+    the worker whose log the failure shows."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -171,7 +172,11 @@ def wait_until_training(timeout=120):
         if running:
             return running[0]
         time.sleep(0.3)
-    raise AssertionError("no trial started training in time")
+    log = ""
+    if proc is not None:
+        proc.log.seek(0)
+        log = proc.log.read()[-4000:]
+    raise AssertionError(f"no trial started training in time; the worker's log ends:\n{log}")
 
 
 @pytest.mark.slow
@@ -251,7 +256,7 @@ def test_ctrl_c_and_sigterm_kill_the_running_trial_and_the_study_resumes(sqlite_
     parent_id = None
     for number, (sig, code, name) in enumerate([(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")]):
         proc = w.start("--n-trials", "3", *SLOW)
-        run = wait_until_training()
+        run = wait_until_training(proc=proc)
         assert run.data.tags["optuna.trial_number"] == str(number)
         parent_id = parent_id or run.data.tags["mlflow.parentRunId"]
         assert run.data.tags["mlflow.parentRunId"] == parent_id, "the resumed study keeps its parent run"
