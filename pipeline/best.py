@@ -3,13 +3,14 @@
 A single-objective study's best trial; in a multi-objective study, the Pareto trial that
 `select` picks: `select=max_params=50000` (and/or `max_latency_ms=...`) keeps the Pareto
 trials within every limit, then takes the best by the metric; no rule means the best by the
-metric.
+metric. A study with rungs (pipeline.budget.rungs): the best evaluation of the highest rung reached.
 """
 
 from __future__ import annotations
 
 import optuna
 
+from pipeline.budget.rungs import COMPLETE, best_rung, rung_of, study_rungs
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
@@ -20,7 +21,12 @@ def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTrial:
-    """The trial to refit; a one-line error when there is none (or no Pareto trial meets `select`)."""
+    """The trial to refit; a one-line error when there is none (or no Pareto trial meets `select`).
+    In a study with rungs: the best evaluation of the highest rung reached."""
+    sign = 1 if settings.direction == "maximize" else -1
+    if not settings.multi_objective and study_rungs(study)[0] and (top := best_rung(study)) is not None:
+        trials = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if rung_of(t) == top]
+        return max(trials, key=lambda t: (sign * t.values[0], -t.number))
     if not settings.multi_objective:
         try:
             return study.best_trial
@@ -38,7 +44,6 @@ def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTr
             raise PipelineError(f"select={settings.select!r}: no Pareto trial has {name} <= {limit:g} "
                                 f"(the smallest is {smallest.values[i]:g}, trial {smallest.number})")
         trials = within
-    sign = 1 if settings.direction == "maximize" else -1
     return max(trials, key=lambda t: (sign * t.values[0], -t.number))
 
 

@@ -71,6 +71,14 @@ class Settings:
     refit_epochs: int = _param(0, "epochs of the refit, its schedule's span (0 = the best trial's best epoch count)")
     # issue 13: every Keras backend
     backend: str = _param("", "Keras backend: tensorflow, jax or torch (default: KERAS_BACKEND, else tensorflow)")
+    # issue 22: a search that pays inside a wall-clock budget
+    time_budget: int = _param(0, "seconds of wall time for the whole command: load, search, refit, test, logging "
+                                 "(0 = no budget; timeout, epochs and refit_epochs still override the plan)")
+    rungs: str = _param("", "successive halving: comma list of epochs per rung, e.g. 1,3,9; off = none; "
+                            "empty = planned from time_budget (off without one)")
+    eta: int = _param(3, "successive halving: the top 1/eta of a rung's evaluations are trained again at the next")
+    workers: int = _param(1, "worker processes on this machine sharing the study (main, search); "
+                             "threads then counts per worker (0 = the cores split between them)")
 
     def __post_init__(self):
         checks = [
@@ -97,11 +105,15 @@ class Settings:
             (self.samples >= 1, "samples", "must be >= 1"),
             (self.refit_epochs >= 0, "refit_epochs", "must be >= 0 (0 = the best trial's epoch count)"),
             (self.backend in ("", *BACKENDS), "backend", f"must be one of {', '.join(BACKENDS)}"),
+            (self.time_budget >= 0, "time_budget", "must be >= 0 seconds (0 = no budget)"),
+            (self.eta >= 2, "eta", "must be >= 2"),
+            (self.workers >= 1, "workers", "must be >= 1"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise PipelineError(f"{name}={getattr(self, name)!r}: {why}")
         self.select_rules  # noqa: B018 -- parses (and so validates) objectives and select now
+        self.rung_epochs  # noqa: B018 -- and rungs
 
     @property
     def keras_backend(self) -> str:
@@ -159,6 +171,23 @@ class Settings:
         return rules
 
     @property
+    def rung_epochs(self) -> list[int] | None:
+        """`rungs` as epochs per rung, rising: `1,3,9` -> [1, 3, 9]; `off` -> []; empty -> None
+        (planned: successive halving under a `time_budget`, none without one)."""
+        text = self.rungs.strip()
+        if not text:
+            return None
+        if text == "off":
+            return []
+        try:
+            epochs = [int(r) for r in text.split(",")]
+        except ValueError:
+            epochs = []
+        if not epochs or any(e < 1 for e in epochs) or epochs != sorted(set(epochs)):
+            raise PipelineError(f"rungs={self.rungs!r}: expected rising epoch counts >= 1 such as 1,3,9, or off")
+        return epochs
+
+    @property
     def only_names(self) -> list[str]:
         return [n.strip() for n in self.only.split(",") if n.strip()]
 
@@ -180,13 +209,18 @@ class Settings:
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
 
-    def command_line(self, command: str) -> str:
-        """`python -m pipeline <command>` with every setting that differs from its default,
-        the study name and the storage always, any password masked."""
+    def argv(self, command: str) -> list[str]:
+        """`python -m pipeline <command>`'s arguments for every setting that differs from its
+        default, the study name and the storage always (as given: `$VAR` stays unexpanded)."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                    if getattr(self, f.name) != f.default}
-        options.update(study_name=self.study, storage=mask(self.storage))
-        return " ".join(["python -m pipeline", command, *(f"--{k.replace('_', '-')} {_quoted(v)}" for k, v in options.items())])
+        options.update(study_name=self.study, storage=self.storage)
+        return [command, *(a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v)))]
+
+    def command_line(self, command: str) -> str:
+        """`argv` as one line to copy, any password masked."""
+        args = self.argv(command)
+        return " ".join(["python -m pipeline", *(_quoted(mask(a)) for a in args)])
 
 
 def _quoted(value) -> str:

@@ -4,11 +4,15 @@ scripts call:
     outcome = run_study("main", settings, data, space)   # search -> front -> report -> refit -> summary
 
 join (or create) the study, enqueue warm-start configurations, find or make its MLflow
-parent run, search (`main`, `search`), log the Pareto front (multi-objective studies),
-the study report (plots, trials table), refit and test (`main`, `refit`), print the
-summary (with the wall seconds of this process's search, `search_seconds`, and the refit's
-phases) and rewrite the parent run's description; then end this process's runs: FINISHED,
-FAILED on an error, KILLED on Ctrl-C/SIGTERM.
+parent run, fix the study's rungs (successive halving, pipeline.budget.rungs) and, under a
+`time_budget`, plan the run from a timed probe (pipeline.budget.plan: the plan's line is printed
+and tagged `plan` on the parent), search (`main`, `search`: in this process, or in `workers`
+processes), log the Pareto front (multi-objective studies), the study report (plots, trials
+table), refit and test (`main`, `refit`; under a budget the refit's epochs are planned again
+from a probe of the configuration it refits and the time left), print the summary (with the
+wall seconds of this process's search, `search_seconds`, and the refit's phases) and rewrite
+the parent run's description; then end this process's runs: FINISHED, FAILED on an error,
+KILLED on Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,17 +21,22 @@ import time
 from dataclasses import dataclass
 
 import optuna
+import psutil
 
+from pipeline import names
+from pipeline.budget.plan import Cost, Plan, duration, make_plan, refit_epochs_for, reserve
+from pipeline.budget.rungs import fix_rungs
 from pipeline.config import REFITS, SEARCHES, Settings
 from pipeline.data import Dataset
+from pipeline.errors import PipelineError
 from pipeline.pareto import log_front
 from pipeline.refit import refit_and_test
 from pipeline.report import log_study_report
 from pipeline.search import Objective, run_search
 from pipeline.space import SearchSpace
-from pipeline.study import join_study
+from pipeline.study import TPE_STARTUP, join_study, set_startup
 from pipeline.terminal import description, summary
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, log_metrics
 from pipeline.warm_start import enqueue
 
 
@@ -38,17 +47,52 @@ class Outcome:
     metrics: dict  # the test metrics of a refit, else {}
 
 
+def process_start() -> float:
+    """Epoch seconds at which this process started: a time budget counts from there."""
+    return psutil.Process().create_time()
+
+
+def _probe(params: dict, data: Dataset, rows, seed: int) -> Cost:
+    from pipeline.budget.probe import probe
+
+    return probe(params, data.x_train, data.y_train, rows, data.input_shape, data.n_classes, seed=seed)
+
+
+def _a_configuration(space: SearchSpace, warm: dict | None, seed: int) -> dict:
+    """What the first probe trains: the first warm start, else a configuration sampled from the space."""
+    if warm:
+        return next(iter(warm.values()))
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+    try:
+        return space.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask())
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _startup(plan: Plan, rungs: list[int], cost: Cost, rows: tuple[int, int], workers: int, epochs: int) -> int:
+    """TPE's random start-up evaluations: a third of the rung-0 (or plain) evaluations the search's
+    share pays for (with rungs about 1/len(rungs) of its time goes to rung 0), 2 to 10."""
+    seconds = (plan.search_until - time.time()) * workers / max(1, len(rungs))
+    evaluations = seconds / max(1e-3, cost.fit(rungs[0] if rungs else epochs, *rows))
+    return int(min(2 * TPE_STARTUP, max(2, evaluations // 3)))
+
+
 def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpace, *, warm: dict | None = None,
-              device: str = "", callbacks=()) -> Outcome:
+              device: str = "", callbacks=(), started: float | None = None) -> Outcome:
     """Run `command` (main, search or refit) on the study `settings` names.
 
     `warm`: validated warm-start configurations {name: params} to enqueue first.
     `device`: the description of the device that trains, tagged on the runs.
     `callbacks`: extra Keras callbacks for every trial's fit (the bench's epoch clock).
+    `started`: epoch seconds at which the `time_budget` started (default: this process's start).
     """
     study, created = join_study(settings, space, create=command != "refit")
     if command in SEARCHES and settings.multi_objective and settings.pruner != "none":
         print(f"pruning is off: Optuna does not prune multi-objective studies (pruner={settings.pruner} ignored)")
+    if settings.multi_objective and settings.rung_epochs:
+        raise PipelineError(f"rungs={settings.rungs!r}: successive halving ranks by one metric; "
+                            f"objectives={settings.objectives!r} has several")
     if warm:
         new = enqueue(study, warm)
         print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
@@ -56,15 +100,41 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
     tracker = Tracker(settings, study, wait_for_parent=not created and command != "refit", device=device)
     status = "FAILED"
     try:
+        objective = Objective(data, space, settings, tracker, callbacks) if command in SEARCHES else None
+        rows = objective.rows if objective else (len(data.y_train), 0)
+        plan = cost = None
+        if settings.time_budget:
+            started = process_start() if started is None else started
+            if command in REFITS or (command == "search" and settings.rung_epochs is None
+                                     and names.RUNGS not in study.user_attrs):
+                train_rows = objective.splits[0].train_rows if objective else range(len(data.y_train))
+                cost = _probe(_a_configuration(space, warm, settings.seed), data, train_rows, settings.seed)
+            plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1])
+            print(plan.line(), flush=True)
+            tracker.client.set_tag(tracker.parent_run_id, "plan", plan.line())
+            log_metrics(tracker.client, tracker.parent_run_id, plan.metrics(time.time()))
         timings = {}
         if command in SEARCHES:
+            planned = list(plan.rungs) if plan and not settings.multi_objective else []
+            objective.rungs = fix_rungs(study, settings.rung_epochs, planned, settings.eta)
+            if plan and cost:
+                set_startup(study, _startup(plan, objective.rungs, cost, rows, settings.workers, settings.epochs))
+            until = plan.search_until if plan else None
             start = time.perf_counter()
-            run_search(study, Objective(data, space, settings, tracker, callbacks), settings)
+            if settings.workers > 1:
+                from pipeline.budget.workers import run_workers
+
+                run_workers(study, settings, until)
+            else:
+                run_search(study, objective, settings, until=until, cost=cost)
             timings["search_seconds"] = time.perf_counter() - start  # this process's search
         if command in SEARCHES and settings.multi_objective:
             log_front(study, settings, tracker)
         log_study_report(study, tracker.client, tracker.parent_run_id)
-        metrics = {**timings, **refit_and_test(study, data, settings, tracker)} if command in REFITS else {}
+        metrics = {}
+        if command in REFITS:
+            epochs = _refit_epochs(study, settings, data, plan) if plan else None
+            metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs)}
         tracker.describe(description(study, settings, tracker.client.get_run(tracker.parent_run_id)))
         print(summary(study, settings, tracker.parent_run_id, metrics))
         status = "FINISHED"
@@ -74,3 +144,20 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         raise
     finally:
         tracker.finish(status)
+
+
+def _refit_epochs(study: optuna.Study, settings: Settings, data: Dataset, plan: Plan) -> int:
+    """The refit's epochs planned again now: from a probe of the configuration it refits, the
+    most that fit the time left before the budget's reserve (`refit_epochs` where given)."""
+    if settings.refit_epochs:
+        return settings.refit_epochs
+    from pipeline.best import best_trial
+
+    params = best_trial(study, settings).user_attrs[names.PARAMS]
+    rows = len(data.y_train)
+    cost = _probe(params, data, range(rows), settings.seed)
+    left = plan.end - time.time() - reserve(settings)
+    epochs = refit_epochs_for(left, cost, rows)
+    print(f"refit plan: {epochs} epoch(s) ≈ {duration(cost.fit(epochs, rows))} of the {duration(max(0.0, left))} left "
+          f"before the budget's reserve ({cost.epoch(rows):.1f} s an epoch here)", flush=True)
+    return epochs

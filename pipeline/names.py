@@ -20,12 +20,17 @@ WARM_START = "warm_start"  # name of the warm-start configuration the trial was 
 MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow run
 FAIL_REASON = "fail_reason"  # why the trial failed (Ctrl-C, SIGTERM)
 WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"  # the process that runs the trial
+RUNG = "rung"  # successive halving: the rung of an evaluation (0 = sampled; absent in a study without rungs)
+PROMOTED_FROM = "promoted_from"  # the trial number whose configuration this evaluation trains again, one rung up
+FIDELITY_EPOCHS, FIDELITY_ROWS = "fidelity_epochs", "fidelity_rows"  # what an evaluation trains: epochs, rows
 
 # Study user attributes
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
 CREATOR = "created_by"  # "host:pid" of the process that created the study
 DEADLINE = "deadline"  # epoch seconds after which no trial starts
 WARM_STARTED = "warm_start_enqueued"  # {name: params} of the configurations already enqueued
+RUNGS = "rungs"  # successive halving: [epochs per rung] fixed by the first worker ([] = no rungs), and
+ETA = "eta"  # the promotion share 1/eta
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
 

@@ -52,11 +52,13 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker) -> dict:
-    """Refit the best configuration, open the test split once, log everything to the parent."""
+def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker, *, epochs: int | None = None) -> dict:
+    """Refit the best configuration, open the test split once, log everything to the parent.
+    `epochs`: the refit's (a time budget's plan); default `refit_epochs`, else the epochs the best
+    trial needed."""
     best = best_trial(study, settings)
     params = best.user_attrs[names.PARAMS]
-    epochs = settings.refit_epochs or int(best.user_attrs[names.EPOCHS_NEEDED])
+    epochs = epochs or settings.refit_epochs or int(best.user_attrs[names.EPOCHS_NEEDED])
     client, run_id = tracker.client, tracker.parent_run_id
     print(f"refit: trial {best.number} ({settings.metric}={best.values[0]:.4f}) for {epochs} epoch(s) "
           f"on all {len(data.y_train)} training images", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 
 import numpy as np
@@ -23,10 +24,12 @@ import optuna
 from optuna_integration import KerasPruningCallback
 
 from pipeline import names
+from pipeline.budget.plan import Cost, evaluation_seconds
+from pipeline.budget.rungs import DuplicatePromotion, duplicate_of, next_rung, promote, rung_of, study_rungs
 from pipeline.config import Settings
 from pipeline.model import latency_ms
-from pipeline.recover import mark_owner, recover
-from pipeline.study import COUNTED, counted_trials, deadline
+from pipeline.recover import HOST, mark_owner, recover
+from pipeline.study import counted_trials, deadline
 from pipeline.terminal import progress_bar
 from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, train, validation_splits
@@ -58,36 +61,66 @@ class FoldPruning(KerasPruningCallback):
 
 
 class Objective:
-    """`callbacks`: extra Keras callbacks for every fit (a timer, say), after the pipeline's own."""
+    """`callbacks`: extra Keras callbacks for every fit (a timer, say), after the pipeline's own.
+    `rungs`: epochs per rung of a study with successive halving (pipeline.budget.rungs): each
+    evaluation trains its rung's epochs, unpruned; [] = plain trials of `epochs`, pruned."""
 
-    def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=()):
+    def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=(), rungs=()):
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
-        self.extra_callbacks = list(callbacks)
+        self.extra_callbacks, self.rungs = list(callbacks), list(rungs)
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
         x, y = data.x_train, data.y_train
         self.inputs = [(data.lineage(x, y, rows), context) for split in self.splits
                        for rows, context in ((split.train_rows, "training"), (split.val_rows, "validation"))]
 
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(training, validation) images of one fold's fit."""
+        return len(self.splits[0].train_rows), len(self.splits[0].val_rows)
+
+    def epochs(self, rung: int | None) -> int:
+        """What one fold of an evaluation trains: its rung's epochs, or the trial cap `epochs`."""
+        return self.rungs[rung] if self.rungs and rung is not None else self.settings.epochs
+
+    def _fidelity(self, trial: optuna.Trial) -> dict | None:
+        """The rung and what the evaluation trains, as trial user attrs; None without rungs.
+        A promotion another trial already makes is not trained (DuplicatePromotion)."""
+        if not self.rungs:
+            return None
+        twin = duplicate_of(trial.study, trial)
+        if twin is not None:
+            trial.set_user_attr(names.FAIL_REASON, f"duplicate promotion: trial {twin} trains it")
+            raise DuplicatePromotion(f"trial {twin} makes the same promotion")
+        rung = rung_of(trial)
+        fidelity = {names.RUNG: rung, names.FIDELITY_EPOCHS: self.epochs(rung), names.FIDELITY_ROWS: self.rows[0]}
+        if names.PROMOTED_FROM in trial.user_attrs:
+            fidelity[names.PROMOTED_FROM] = trial.user_attrs[names.PROMOTED_FROM]
+        for key, value in fidelity.items():
+            trial.set_user_attr(key, value)
+        return fidelity
+
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
         mark_owner(trial)
         self.tracker.close_dead_runs()
+        fidelity = self._fidelity(trial)
+        epochs = self.epochs(fidelity and fidelity[names.RUNG])
         params = self.space.sample(trial)
         if s.batch_size:  # the opt-in override (a GPU wants larger batches) is what trains
             params["batch_size"] = s.batch_size
         trial.set_user_attr(names.PARAMS, params)
-        with self.tracker.trial_run(trial, params) as run_id:
+        with self.tracker.trial_run(trial, params, fidelity) as run_id:
             log_datasets(self.tracker.client, run_id, self.inputs)
             folds, keep, start = [], KeepModel(), time.perf_counter()
             for k, split in enumerate(self.splits):
-                offset = k * s.epochs
+                offset = k * epochs
                 callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
-                if s.pruning:
+                if s.pruning and not self.rungs:
                     callbacks.append(FoldPruning(trial, s.metric, offset, prune=names.WARM_START not in trial.user_attrs,
-                                                 last_step=len(self.splits) * s.epochs - 1))
+                                                 last_step=len(self.splits) * epochs - 1))
                 callbacks += self.extra_callbacks
                 folds.append(
-                    train(params, split, self.data.input_shape, self.data.n_classes, epochs=s.epochs,
+                    train(params, split, self.data.input_shape, self.data.n_classes, epochs=epochs,
                           monitor=s.metric, direction=s.direction, patience=s.patience,
                           callbacks=callbacks, seed=s.seed + trial.number)
                 )
@@ -112,36 +145,67 @@ class Objective:
         return (value, *(float(extra[name]) for name in s.objective_names[1:]))
 
 
-def run_search(study: optuna.Study, objective: Objective, settings: Settings) -> None:
+def _history(study: optuna.Study) -> list[tuple[int, float]]:
+    """(epochs run, seconds) of the study's complete evaluations, this process's if it has any,
+    oldest first: what the next evaluation's duration is estimated from."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if names.EPOCHS_RUN in t.user_attrs and t.datetime_start and t.datetime_complete]
+    mine = [t for t in done if t.user_attrs.get(names.WORKER_PID) == os.getpid() and t.user_attrs.get(names.WORKER_HOST) == HOST]
+    return [(t.user_attrs[names.EPOCHS_RUN], (t.datetime_complete - t.datetime_start).total_seconds())
+            for t in sorted(mine or done, key=lambda t: t.number)]
+
+
+def _no_time(study: optuna.Study, objective: Objective, until: float | None, cost: Cost | None) -> str | None:
+    """Why the next evaluation should not start before `until` (None: it may): it could not
+    finish by then, as far as this machine's evaluations so far (or the probe) tell."""
+    if until is None:
+        return None
+    rung = next_rung(study) if objective.rungs else None
+    epochs = objective.epochs(rung) * objective.settings.cv_folds
+    seconds = evaluation_seconds(epochs, _history(study), cost, *objective.rows) or 0.0
+    left = until - time.time() - DEADLINE_MARGIN
+    if seconds <= left:
+        return None
+    what = f"rung {rung}, {epochs} epoch(s)" if rung is not None else f"{epochs} epoch(s)"
+    return f"the next evaluation ({what}, about {seconds:.0f} s) cannot finish in the {max(0.0, left):.0f} s left"
+
+
+def run_search(study: optuna.Study, objective: Objective, settings: Settings, *, until: float | None = None,
+               cost: Cost | None = None) -> None:
     """Spend the study's global trial budget (shared by all workers) before the study-wide
-    deadline: no trial starts after it; one running at it finishes (or is pruned)."""
+    deadline (`timeout`: no trial starts after it; one running at it finishes) and before `until`
+    (a time budget's search share: no evaluation starts that could not finish by then, by
+    `cost`, the probe, until this machine's own evaluations tell better). With rungs, each
+    finished evaluation enqueues the promotions it makes due."""
     recover(study, objective.tracker.client, objective.tracker.experiment_id)
-    remaining = settings.n_trials - counted_trials(study)
-    if remaining <= 0:
+    if counted_trials(study) >= settings.n_trials:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
-    until = deadline(study, settings.timeout)
-    if until is not None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until))
-        if until - time.time() <= DEADLINE_MARGIN:
+    deadline_at = deadline(study, settings.timeout)
+    if deadline_at is not None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline_at))
+        if deadline_at - time.time() <= DEADLINE_MARGIN:
             print(f"study {study.study_name!r} passed its deadline {stamp}; no trial started (timeout=0 lifts it)")
             return
         print(f"study {study.study_name!r}: no trial starts after {stamp}")
+    callbacks = []
+    if objective.rungs:
+        eta = study_rungs(study)[1]
+        callbacks.append(lambda st, t: t.state == optuna.trial.TrialState.COMPLETE and promote(st, objective.rungs, eta))
+    ends = [t for t in (deadline_at, until) if t is not None]
     # Objects alive now (modules, data, stores) live for the whole search: freezing them
     # keeps the garbage collection after each trial from rescanning them (~0.3 s a trial).
     gc.collect()
     gc.freeze()
     try:
-        with progress_bar(study, settings, until) as bar:
-            # Optuna's timeout counts from here: the seconds left to the deadline, read last
-            # (the set-up above can take longer than the margin)
-            seconds = None if until is None else max(0.0, until - time.time() - DEADLINE_MARGIN)
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=seconds,
-                callbacks=[optuna.study.MaxTrialsCallback(settings.n_trials, states=COUNTED), bar],
-                gc_after_trial=True,
-            )
+        with progress_bar(study, settings, min(ends) if ends else None) as bar:
+            while counted_trials(study) < settings.n_trials:
+                if deadline_at is not None and deadline_at - time.time() <= DEADLINE_MARGIN:
+                    break
+                if reason := _no_time(study, objective, until, cost):
+                    bar.bar.write(f"search: {reason}; no more evaluations start")
+                    break
+                study.optimize(objective, n_trials=1, callbacks=[bar, *callbacks], gc_after_trial=True,
+                               catch=(DuplicatePromotion,))
     finally:
         gc.unfreeze()

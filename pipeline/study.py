@@ -29,6 +29,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from pipeline import names
+from pipeline.budget.rungs import RungSampler
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.names import mask
@@ -124,22 +125,22 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     always starts from the same random state.
     """
 
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._tpe = self._make(seed)
+    def __init__(self, seed: int, startup: int = TPE_STARTUP):
+        self.seed, self.startup = seed, startup
+        self._tpe = self._make(seed, startup)
 
     @staticmethod
-    def _make(seed: int) -> optuna.samplers.TPESampler:
+    def _make(seed: int, startup: int) -> optuna.samplers.TPESampler:
         # multivariate + group: one joint model per set of params that occur together (a
         # space's later blocks exist only at some depths); constant_liar: workers that sample
         # at once see each other's running trials and spread out.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP, multivariate=True, group=True,
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
                                               constant_liar=True)
 
     def before_trial(self, study, trial):
-        self._tpe = self._make(self.seed + trial.number)
+        self._tpe = self._make(self.seed + trial.number, self.startup)
         self._tpe.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -155,11 +156,21 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """`tpe` (the default), or `random`: the tutorial's randomized search, for comparison."""
+def make_sampler(name: str, seed: int) -> RungSampler:
+    """`tpe` (the default), or `random`: the tutorial's randomized search, for comparison; in a
+    study with rungs either learns from one rung at a time (`pipeline.budget.rungs`)."""
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return TrialSeededSampler(seed)
+        return RungSampler(optuna.samplers.RandomSampler(seed=seed), TPE_STARTUP)
+    return RungSampler(TrialSeededSampler(seed), TPE_STARTUP)
+
+
+def set_startup(study: optuna.Study, startup: int) -> None:
+    """Random evaluations before TPE models the study (or, with rungs, a rung): sized to the
+    budget's rung-0 evaluations by the planner."""
+    sampler = study.sampler
+    sampler.startup = startup
+    if isinstance(sampler.base, TrialSeededSampler):
+        sampler.base.startup = startup
 
 
 def this_process() -> str:

@@ -1,0 +1,159 @@
+"""The plan of a `time_budget`: how long the search may run, how many epochs the refit trains,
+the rungs of successive halving, all from what an epoch measurably costs on this machine.
+
+    plan = make_plan(settings, command, started, cost)     # cost: pipeline.budget.probe
+    print(plan.line())   # time budget 3600 s: search until 10:52 UTC, refit 18 epochs ≈ 24 min
+
+The budget counts from the process's start (loading included) and ends at `started + time_budget`:
+- a reserve at the end for the test, the study report and logging: RESERVE_SECONDS + RESERVE_SHARE
+  of the budget;
+- `main`: the refit gets REFIT_SHARE of the time left after loading and the reserve (or
+  `refit_epochs` epochs where given), the search the rest; `search`: all of it; `refit`: all of it;
+- the rungs, where `rungs` is empty: the most rungs (at most MAX_RUNGS, a factor `eta` apart) whose
+  top rung is at least 1 epoch when the search's share pays for BRACKETS full brackets of
+  successive halving (a bracket costs about rungs x top-rung epochs).
+A `timeout` still sets the search's end; `epochs` still caps a trial without rungs. The refit's
+epochs are planned again when it starts, from a probe of the configuration it refits and the
+time then left (`refit_epochs`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import Settings
+
+RESERVE_SECONDS = 10.0  # the end of a run: predicting the test split, the study report, logging, registering
+RESERVE_SHARE = 0.01  # and this share of the budget
+REFIT_SHARE = 0.4  # of the time after loading and the reserve, for `main`'s refit
+BRACKETS = 2  # full brackets of successive halving the search's share should pay for
+MAX_RUNGS = 3
+BOOKKEEPING = 2.0  # seconds around an evaluation's fit (its MLflow run, datasets, the study's writes)
+HISTORY = 20  # finished evaluations an estimate learns from, the latest
+VALIDATION_COST = 1 / 3  # an image validated costs about this share of one trained (a forward pass)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What training costs on this machine: `setup` seconds once per fit (building, compiling, the
+    first batches' tracing) and `batch` seconds per training batch of `batch_size` images."""
+
+    setup: float
+    batch: float
+    batch_size: int
+
+    def epoch(self, rows: int) -> float:
+        """Seconds of one epoch over `rows` training images."""
+        return math.ceil(rows / self.batch_size) * self.batch
+
+    def fit(self, epochs: int, rows: int, val_rows: int = 0) -> float:
+        """Seconds of a fit of `epochs` epochs over `rows` images, validating `val_rows` after each."""
+        return self.setup + epochs * (self.epoch(rows) + VALIDATION_COST * self.epoch(val_rows))
+
+
+def budget_end(settings: Settings, started: float) -> float | None:
+    """Epoch seconds at which the command's budget ends (None without one)."""
+    return started + settings.time_budget if settings.time_budget else None
+
+
+def reserve(settings: Settings) -> float:
+    return RESERVE_SECONDS + RESERVE_SHARE * settings.time_budget
+
+
+def refit_epochs_for(seconds: float, cost: Cost, rows: int) -> int:
+    """The most epochs over `rows` images that fit `seconds` (at least 1: a refit trains)."""
+    return max(1, int((seconds - cost.setup) // cost.epoch(rows)))
+
+
+def planned_rungs(search_seconds: float, cost: Cost, rows: int, val_rows: int, eta: int) -> list[int]:
+    """Epochs per rung for a search of `search_seconds`: the most rungs (MAX_RUNGS at most) whose
+    top rung still has >= eta^(rungs - 1) epochs when BRACKETS brackets fit the search's share."""
+    for count in range(MAX_RUNGS, 1, -1):
+        per_bracket = search_seconds / BRACKETS / count  # a bracket: `count` rungs of ~top-rung epochs each
+        top = int((per_bracket - cost.setup - BOOKKEEPING * eta ** (count - 1)) // (cost.epoch(rows) + VALIDATION_COST * cost.epoch(val_rows)))
+        if top >= eta ** (count - 1):
+            return sorted({max(1, round(top / eta ** i)) for i in range(count)})
+    return []  # not even two rungs: plain trials
+
+
+def duration(seconds: float) -> str:
+    """`24 min` from two minutes on, else `45 s`."""
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    end: float  # epoch seconds: the budget's end
+    search_until: float | None  # epoch seconds: no evaluation starts that cannot finish by then
+    refit_epochs: int  # 0: no refit in this command
+    refit_seconds: float
+    rungs: tuple[int, ...]  # planned epochs per rung ((): none planned)
+
+    def line(self) -> str:
+        parts = []
+        if self.search_until is not None:
+            parts.append(f"search until {time.strftime('%H:%M:%S UTC', time.gmtime(self.search_until))}")
+        if self.rungs:
+            parts.append(f"rungs of {', '.join(map(str, self.rungs))} epochs")
+        if self.refit_epochs:
+            parts.append(f"refit {self.refit_epochs} epochs ≈ {duration(self.refit_seconds)}")
+        return f"time budget {self.budget} s: " + ", ".join(parts)
+
+    def metrics(self, now: float) -> dict:
+        """The plan as numbers for the parent run (beside the tag `plan`, the line)."""
+        return {"plan_budget_seconds": self.budget, "plan_refit_epochs": self.refit_epochs,
+                "plan_search_seconds": max(0.0, (self.search_until or now) - now)}
+
+
+def make_plan(settings: Settings, command: str, started: float, cost: Cost | None, *, rows: int, val_rows: int,
+              now: float | None = None) -> Plan:
+    """The plan of `command` (main, search, refit) for a budget that started at `started`; `rows`
+    and `val_rows`: the images a trial trains and validates on (the refit trains on both). `cost`
+    (the probe) is needed for a refit and for planned rungs; a `search` worker joining a study whose
+    rungs are fixed goes without."""
+    now = time.time() if now is None else now
+    end = budget_end(settings, started)
+    left = end - now - reserve(settings)
+    full = rows + val_rows
+    refit_epochs, refit_seconds = 0, 0.0
+    if command == "main":
+        if settings.refit_epochs:
+            refit_epochs = settings.refit_epochs
+        else:
+            refit_epochs = refit_epochs_for(REFIT_SHARE * left, cost, full)
+        refit_seconds = cost.fit(refit_epochs, full)
+    elif command == "refit":
+        refit_epochs = settings.refit_epochs or refit_epochs_for(left, cost, full)
+        refit_seconds = cost.fit(refit_epochs, full)
+    search_until = None
+    rungs: list[int] = []
+    if command in ("main", "search"):
+        search_until = now + max(0.0, left - refit_seconds)
+        if settings.rung_epochs is None and cost is not None:
+            rungs = planned_rungs(search_until - now, cost, rows, val_rows, settings.eta)
+    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs))
+
+
+def evaluation_seconds(epochs: int, history: list[tuple[int, float]], cost: Cost | None, rows: int,
+                       val_rows: int) -> float | None:
+    """Seconds an evaluation of `epochs` epochs will take: a + b x epochs fitted to `history`
+    ((epochs run, seconds) of finished evaluations, latest last) where it has two epoch counts;
+    from one count, the probe's fixed cost plus the measured seconds per epoch; from none, the
+    probe's `cost`. None: nothing to go by (the evaluation starts; it measures)."""
+    history = history[-HISTORY:]
+    if len({e for e, _ in history}) >= 2:
+        b, a = np.polyfit([e for e, _ in history], [d for _, d in history], 1)
+        if b > 0:
+            return max(0.0, a) + b * epochs
+    if history:
+        fixed = (cost.setup if cost else 0.0) + BOOKKEEPING
+        per_epoch = max(max(0.0, d - fixed) / e for e, d in history if e)
+        return fixed + per_epoch * epochs
+    if cost is not None:
+        return cost.fit(epochs, rows, val_rows) + BOOKKEEPING
+    return None

@@ -1,0 +1,52 @@
+"""A short timed fit that says what training costs on this machine, with these threads.
+
+    cost = probe(params, x, y, rows, input_shape, n_classes)   # a pipeline.budget.plan.Cost
+
+It builds the configuration's model and trains it on WARMUP + BATCHES batches of the given
+training rows (never validation or test rows); the batches after the warm-up give the seconds
+per batch, the rest the fixed cost of a fit (building, compiling, tracing). The model is thrown
+away. A few seconds on CIFAR-10-sized images; the digits data is small enough to run through.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from pipeline.budget.plan import Cost
+from pipeline.train import Images, scheduled_model
+
+WARMUP, BATCHES = 3, 12  # batches untimed (tracing, caches), then timed
+
+
+class _BatchClock(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.ends = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ends.append(time.perf_counter())
+
+
+def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed: int = 0) -> Cost:
+    """The `Cost` of training `params` on this machine, measured on a few batches of `rows`."""
+    batch_size = params.get("batch_size", 32)
+    take = np.asarray(rows)[: batch_size * (WARMUP + BATCHES)]
+    start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    model = scheduled_model(params, input_shape, n_classes, len(take), 1)
+    images = Images(x[take], y[take])
+    clock = _BatchClock()
+    model.fit(images.batches(np.arange(len(take)), batch_size, shuffle=True, seed=seed), epochs=1,
+              callbacks=[clock], shuffle=False, verbose=0)
+    ends = clock.ends
+    first = min(WARMUP, len(ends) - 2)
+    if first < 0:  # one batch only: all of it counts as the batch
+        return Cost(0.0, ends[-1] - start, batch_size)
+    batch = (ends[-1] - ends[first]) / (len(ends) - 1 - first)
+    setup = max(0.0, ends[first] - start - (first + 1) * batch)
+    del model
+    keras.backend.clear_session()
+    return Cost(setup, batch, batch_size)

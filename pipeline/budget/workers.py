@@ -1,0 +1,91 @@
+"""`workers=N`: N worker processes on this machine searching one study, the cores split between them.
+
+    run_workers(study, settings, until)   # blocks until every worker has exited
+
+One TensorFlow process keeps only ~1.2 of 2 cores busy at CNN batch sizes (small ops do not split
+over threads); N processes of cores/N threads each train more evaluations an hour (issue 22:
+1.66x on 2 cores). Each worker is `python -m pipeline search` on the same study and storage with
+`workers=1`, `threads` = cores // N (or the `threads` given, per worker), no warm start (the
+caller enqueued it) and, with `until`, the time budget that ends its search then. A worker's
+output goes to `worker-logs/<study>/worker-<i>.log`; this process shows the study's progress bar
+meanwhile. Ctrl-C or SIGTERM here is passed on to the workers (each fails its running trial, as
+a signalled worker does) and waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+from pipeline.budget.plan import RESERVE_SECONDS, RESERVE_SHARE
+from pipeline.config import Settings
+from pipeline.errors import PipelineError
+from pipeline.terminal import progress_bar
+
+POLL = 2.0  # seconds between looks at the study while the workers run
+STOP_WAIT = 60  # seconds signalled workers get to fail their trials and exit
+LOGS = Path("worker-logs")
+
+
+def worker_settings(settings: Settings, until: float | None, now: float | None = None) -> Settings:
+    """What each worker runs: one process, its share of the cores, the budget that ends at `until`."""
+    now = time.time() if now is None else now
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+    budget = 0
+    if until is not None:  # a worker's search ends its reserve before its budget does: add it back
+        left = max(1.0, until - now)
+        budget = int(left + RESERVE_SECONDS + RESERVE_SHARE * left) + 1
+    return settings.replace(workers=1, threads=threads, warm_start="", only="", time_budget=budget)
+
+
+def run_workers(study: optuna.Study, settings: Settings, until: float | None) -> list[int]:
+    """Start `settings.workers` search workers on `study`, wait for them; returns their exit codes."""
+    child = worker_settings(settings, until)
+    folder = LOGS / study.study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"workers: {settings.workers} processes x {child.threads} thread(s) on study {study.study_name!r}; "
+          f"logs in {folder}/", flush=True)
+    # the workers import this very package, wherever the command was started from
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    procs, logs = [], []
+    for i in range(settings.workers):
+        log = folder / f"worker-{i}.log"
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *child.argv("search")],
+                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
+        logs.append(log)
+    try:
+        with progress_bar(study, settings, until) as bar:
+            while any(p.poll() is None for p in procs):
+                time.sleep(POLL)
+                bar(study, None)
+    except KeyboardInterrupt as e:
+        _stop(procs, signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
+        raise
+    codes = [p.returncode for p in procs]
+    for i, code in enumerate(codes):
+        if code:
+            tail = logs[i].read_text().strip().splitlines()[-1:] or ["(no output)"]
+            print(f"worker {i} exited with code {code}: {tail[0]} (log: {logs[i]})", file=sys.stderr)
+    if all(codes):
+        raise PipelineError(f"workers={settings.workers}: every worker failed (logs in {folder}/)")
+    return codes
+
+
+def _stop(procs, sig) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.monotonic() + STOP_WAIT
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
