@@ -25,7 +25,7 @@ import psutil
 
 from pipeline import names
 from pipeline.budget.plan import Cost, Plan, duration, make_plan, refit_epochs_for, reserve
-from pipeline.budget.rungs import fix_rungs
+from pipeline.budget.rungs import check_rungs, fix_rungs
 from pipeline.config import REFITS, SEARCHES, Settings
 from pipeline.data import Dataset
 from pipeline.errors import PipelineError
@@ -93,6 +93,8 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
     if settings.multi_objective and settings.rung_epochs:
         raise PipelineError(f"rungs={settings.rungs!r}: successive halving ranks by one metric; "
                             f"objectives={settings.objectives!r} has several")
+    if command in SEARCHES:
+        check_rungs(study, settings.rung_epochs)
     if warm:
         new = enqueue(study, warm)
         print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")

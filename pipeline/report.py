@@ -8,7 +8,9 @@ Study plots come from Optuna's visualization module: the plotly figure as intera
 `param_importances`, `parallel_coordinate` and `intermediate_values`. A plot the study
 cannot support yet (no complete trial, importances from fewer than two complete trials or
 without a varying parameter, no intermediate values) is skipped with a note, not an error.
-`trials.csv` lists every trial: number, state, value, params, duration.
+`trials.csv` lists every trial: number, state, value, params, duration, and in a study with
+rungs each evaluation's `rung`, `fidelity_epochs`, `fidelity_rows` and `promoted_from`; such a
+study also gets `rungs.png` (scores by rung, promotions joined).
 """
 
 from __future__ import annotations
@@ -113,10 +115,38 @@ def trials_table(study: optuna.Study, path: Path) -> Path:
         frame = pd.DataFrame(columns=["number", "state", "value", "duration"])
     table = frame[[c for c in frame.columns if not c.startswith("user_attrs_")]].copy()
     table["duration"] = pd.to_timedelta(table["duration"]).dt.total_seconds()  # running trials: empty
-    for attr in (names.EPOCHS_RUN, names.MLFLOW_RUN_ID):
+    for attr in (names.EPOCHS_RUN, names.MLFLOW_RUN_ID, names.RUNG, names.FIDELITY_EPOCHS, names.FIDELITY_ROWS,
+                 names.PROMOTED_FROM):
         if f"user_attrs_{attr}" in frame:
             table[attr] = frame[f"user_attrs_{attr}"]
     table.to_csv(path, index=False)
+    return path
+
+
+def rungs_png(study: optuna.Study, path: Path) -> Path | None:
+    """Successive halving at a glance: each complete evaluation's score by rung (its epochs), a
+    line from each promoted configuration's score to its score one rung up. None without rungs."""
+    done = {t.number: t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if names.RUNG in t.user_attrs}
+    if not done:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for t in done.values():
+        source = done.get(t.user_attrs.get(names.PROMOTED_FROM))
+        if source is not None:
+            ax.plot([source.user_attrs[names.FIDELITY_EPOCHS], t.user_attrs[names.FIDELITY_EPOCHS]],
+                    [source.values[0], t.values[0]], color="tab:blue", alpha=0.5, linewidth=1)
+    ax.scatter([t.user_attrs[names.FIDELITY_EPOCHS] for t in done.values()], [t.values[0] for t in done.values()],
+               c=[t.user_attrs[names.RUNG] for t in done.values()], cmap="viridis", zorder=3)
+    ax.set_xscale("log")
+    epochs = sorted({t.user_attrs[names.FIDELITY_EPOCHS] for t in done.values()})
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.minorticks_off()
+    ax.set_xlabel("epochs of the evaluation (rung)")
+    ax.set_ylabel(study.user_attrs.get("metric", "objective"))
+    ax.set_title(f"Successive halving: {len(done)} evaluations, lines join a configuration's rungs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -125,6 +155,7 @@ def log_study_report(study: optuna.Study, client, run_id: str) -> dict[str, str]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         skipped = study_plots(study, folder)
+        rungs_png(study, folder / "rungs.png")
         trials_table(study, folder / "trials.csv")
         client.log_artifacts(run_id, str(folder))
     return skipped

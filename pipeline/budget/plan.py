@@ -70,13 +70,16 @@ def refit_epochs_for(seconds: float, cost: Cost, rows: int) -> int:
 
 
 def planned_rungs(search_seconds: float, cost: Cost, rows: int, val_rows: int, eta: int) -> list[int]:
-    """Epochs per rung for a search of `search_seconds`: the most rungs (MAX_RUNGS at most) whose
-    top rung still has >= eta^(rungs - 1) epochs when BRACKETS brackets fit the search's share."""
+    """Epochs per rung for a search of `search_seconds`: the top rung is the most epochs for which
+    BRACKETS brackets of `count` rungs fit (a bracket costs about `count` top-rung evaluations and
+    eta^(count - 1) evaluations' bookkeeping), the rungs below it a factor eta apart, none below 1
+    epoch; MAX_RUNGS rungs where the top reaches eta epochs, else fewer; [] where not two fit."""
     for count in range(MAX_RUNGS, 1, -1):
-        per_bracket = search_seconds / BRACKETS / count  # a bracket: `count` rungs of ~top-rung epochs each
-        top = int((per_bracket - cost.setup - BOOKKEEPING * eta ** (count - 1)) // (cost.epoch(rows) + VALIDATION_COST * cost.epoch(val_rows)))
-        if top >= eta ** (count - 1):
-            return sorted({max(1, round(top / eta ** i)) for i in range(count)})
+        per_rung = search_seconds / BRACKETS / count - cost.setup - BOOKKEEPING * eta ** (count - 1)
+        top = int(per_rung // (cost.epoch(rows) + VALIDATION_COST * cost.epoch(val_rows)))
+        rungs = sorted({max(1, round(top / eta ** i)) for i in range(count)})
+        if top >= eta ** (count - 2) and len(rungs) >= 2:
+            return rungs
     return []  # not even two rungs: plain trials
 
 
@@ -107,7 +110,8 @@ class Plan:
     def metrics(self, now: float) -> dict:
         """The plan as numbers for the parent run (beside the tag `plan`, the line)."""
         return {"plan_budget_seconds": self.budget, "plan_refit_epochs": self.refit_epochs,
-                "plan_search_seconds": max(0.0, (self.search_until or now) - now)}
+                "plan_search_seconds": max(0.0, (self.search_until or now) - now),
+                "plan_search_until": self.search_until or 0.0}
 
 
 def make_plan(settings: Settings, command: str, started: float, cost: Cost | None, *, rows: int, val_rows: int,

@@ -34,26 +34,33 @@ class DuplicatePromotion(Exception):
     """This evaluation repeats a promotion another trial already makes: not trained."""
 
 
+def check_rungs(study: optuna.Study, wanted: list[int] | None) -> None:
+    """A one-line error where the `rungs` setting asks a study for other rungs than it has (or
+    for rungs in a study made without them); before any run is touched."""
+    if wanted is None:
+        return
+    stored = study.user_attrs.get(names.RUNGS)
+    if stored is None and wanted and study.get_trials(deepcopy=False):
+        raise PipelineError(f"rungs={','.join(map(str, wanted))}: study {study.study_name!r} was made without "
+                            "rungs; use another study_name")
+    if stored is not None and wanted != stored:
+        raise PipelineError(f"rungs={','.join(map(str, wanted)) or 'off'}: study {study.study_name!r} has rungs "
+                            f"{','.join(map(str, stored)) or 'off'}; use another study_name")
+
+
 def fix_rungs(study: optuna.Study, wanted: list[int] | None, planned: list[int], eta: int) -> list[int]:
     """The study's rungs: those it stores, else `wanted` (the `rungs` setting; None: `planned`),
-    stored now. A study that already has trials but no rungs keeps plain trials. Asking a study
-    for other rungs than it has is a one-line error."""
+    stored now. A study that already has trials but no rungs keeps plain trials."""
+    check_rungs(study, wanted)
     stored = study.user_attrs.get(names.RUNGS)
     if stored is None:
         rungs = wanted if wanted is not None else planned
         if rungs and study.get_trials(deepcopy=False):
-            if wanted:
-                raise PipelineError(f"rungs={','.join(map(str, wanted))}: study {study.study_name!r} was made without "
-                                    "rungs; use another study_name")
             print(f"study {study.study_name!r} was made without rungs: it keeps plain trials")
             rungs = []
         study.set_user_attr(names.RUNGS, rungs)
         study.set_user_attr(names.ETA, eta)
         stored = study.user_attrs[names.RUNGS]  # a worker that wrote at the same moment may have won
-    if wanted is not None and wanted != stored:
-        shown = ",".join(map(str, stored)) or "off"
-        raise PipelineError(f"rungs={','.join(map(str, wanted)) or 'off'}: study {study.study_name!r} has rungs "
-                            f"{shown}; use another study_name")
     return list(stored)
 
 
