@@ -9,7 +9,9 @@
 
 Options are the fields of `pipeline.config.Settings`. Bad input ends with a one-line
 `error: ...` and exit code 2; Ctrl-C ends with exit code 130, SIGTERM with 143, both after
-marking the running trial FAIL (its MLflow run KILLED) and saying how to resume.
+marking the running trial FAIL (its MLflow run KILLED) and saying how to resume, in two lines.
+A server that does not answer (the tracking server at the start, or either server for longer
+than a worker waits: `pipeline.retries`) ends with a one-line error and exit code 75.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pipeline.device import use_backend
 from pipeline.errors import PipelineError
 from pipeline.names import mask
 from pipeline.quiet import quiet_console
-from pipeline.retries import Unreachable, log_retries, server_unreachable, tracking_unreachable
+from pipeline.retries import (NeverAnswered, Unreachable, log_retries, patient_tracking, server_unreachable,
+                              tracking_unreachable, wait_for_server)
 
 TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
@@ -65,7 +68,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
 
     `data` may be passed in (tests load it once); otherwise it is loaded from settings.
     Bad settings, space files, warm-start files and data fail here, before any study or run
-    is touched.
+    is touched, and so does an http(s) tracking server that does not answer.
     """
     from pipeline.data import check_dataset_name, check_splittable, load_dataset
     from pipeline.device import configure, set_threads
@@ -73,7 +76,10 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.warm_start import load_configurations
 
     space = load_space(settings.search_space)
-    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    check_tracking_uri(uri)
+    if command != "space" and urlsplit(uri).scheme in ("http", "https"):
+        wait_for_server(uri)  # NeverAnswered within START_PATIENCE s, before anything is made
     if data is None and command != "recover":
         check_dataset_name(settings.dataset)  # before the backend's import, which takes seconds
     quiet_console()
@@ -154,7 +160,11 @@ def _main(argv: list[str] | None) -> int:
     try:
         command, settings = parse(sys.argv[1:] if argv is None else argv)
         use_backend(settings.keras_backend)  # before Keras is imported
-        run(command, settings)
+        with patient_tracking(settings.grace_period - settings.heartbeat_interval):  # PatientRDBStorage's patience
+            run(command, settings)
+    except NeverAnswered as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 75
     except Unreachable as e:
         print(f"error: {e}; the running trial fails, the study keeps every finished trial", file=sys.stderr)
         if settings:

@@ -9,13 +9,15 @@ prints "Exception ignored in ..." and drops the KeyboardInterrupt; inside a `__h
 `__eq__` or `__getattr__` that C code calls and whose errors it clears, it vanishes without
 a word. TensorFlow and SQLAlchemy have many such places, and a worker told to stop trained
 on. So the handler also records the signal, and `check()` raises it again: every fit calls
-it after each batch (`pipeline.train.StopOnSignal`).
+it after each batch (`pipeline.train.StopOnSignal`). Python's "Exception ignored in ..."
+traceback for such a lost interrupt is not printed: it is not lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 
 _received: str | None = None  # the name of the signal caught in `caught()`, if one came
 
@@ -35,12 +37,21 @@ def check() -> None:
 @contextlib.contextmanager
 def caught():
     """SIGINT and SIGTERM raise KeyboardInterrupt (also when the process started with SIGINT
-    ignored); afterwards the previous handlers come back and the signal is forgotten."""
+    ignored), and one Python drops (in a finalizer) prints nothing; afterwards the previous
+    handlers and `sys.unraisablehook` come back and the signal is forgotten."""
     global _received
     previous = {signum: signal.signal(signum, _raise) for signum in (signal.SIGINT, signal.SIGTERM)}
+    unraisable = sys.unraisablehook
+
+    def hook(event):
+        if not (_received and isinstance(event.exc_value, KeyboardInterrupt)):
+            unraisable(event)
+
+    sys.unraisablehook = hook
     try:
         yield
     finally:
         _received = None
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -9,13 +9,20 @@ setting, any error) still shows.
   stderr captured, and every captured line but the banner's is written back.
 - MLflow's progress bars for artifact transfers (a registered model is downloaded once to
   be registered) are off; MLflow's other INFO lines stay.
+- Optuna's warnings about a failed trial carry no traceback where the command ends with a
+  one-line message that says it all: an interrupt (Ctrl-C, SIGTERM: both warnings dropped,
+  the command says the trial is FAIL and how to resume) or a `PipelineError` (an outage's
+  `Unreachable`: the warning stays, its traceback goes).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
+
+from pipeline.errors import PipelineError
 
 BANNER = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog() is called")
 
@@ -25,6 +32,31 @@ def quiet_console() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow" and "tensorflow" not in sys.modules:
         _import_without_banner()
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna reports a failed trial
+    if not any(isinstance(f, _OneLineTrialFailure) for f in logger.filters):
+        logger.addFilter(_OneLineTrialFailure())
+
+
+class _OneLineTrialFailure(logging.Filter):
+    """Optuna logs a failed trial as two warnings: "Trial n failed with parameters: ... because
+    of the following error: ..." with the traceback, then "Trial n failed with value ...".
+    After an interrupt both go; after a PipelineError the first loses its traceback."""
+
+    def __init__(self):
+        super().__init__()
+        self._second = None  # how the second warning of an interrupted trial starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, KeyboardInterrupt):
+            self._second = record.getMessage().split(" failed ", 1)[0] + " failed with value "
+            return False
+        if self._second and record.getMessage().startswith(self._second):
+            self._second = None
+            return False
+        if isinstance(error, PipelineError):
+            record.exc_info = None
+        return True
 
 
 def _import_without_banner() -> None:

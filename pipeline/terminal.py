@@ -7,7 +7,9 @@ command, and the same facts as the Markdown description of the study's parent ru
     tracker.describe(description(study, settings, parent_run))
 
 The bar counts complete and pruned trials of the whole study (all workers share the
-budget) and replaces Optuna's per-trial INFO lines, which are silenced while it runs. With
+budget) and replaces Optuna's per-trial INFO lines, which are silenced while it runs; the
+log lines that still come (Optuna's warnings, the tracking server's retries) are written above
+the bar, each on its own line, not after its last refresh. With
 a study-wide deadline it shows the time left to the deadline instead of an estimate for
 the whole trial budget, refreshed while trials run. The summary lists trials by state, the
 best trial's value and params, the test scores, the parent MLflow run, the registered model
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import shlex
 import sys
@@ -28,6 +31,7 @@ import time
 import mlflow
 import optuna
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import names
 from pipeline.best import best_or_none
@@ -36,6 +40,7 @@ from pipeline.names import mask
 from pipeline.study import counted_trials
 
 REFRESH_TTY, REFRESH_LOG = 1, 60  # seconds between refreshes of a deadline bar: terminal, log file
+LOGGERS = ("optuna", "urllib3.connectionpool")  # with a stderr handler of their own (MLflow's writes to a wrapper)
 
 
 class ProgressBar:
@@ -69,30 +74,40 @@ class ProgressBar:
 
 @contextlib.contextmanager
 def progress_bar(study: optuna.Study, settings: Settings, until: float | None = None):
-    """A `ProgressBar` callback; Optuna's INFO logging is quiet while it runs. A deadline
-    bar is refreshed from a background thread, so its clock moves during long trials."""
+    """A `ProgressBar` callback; Optuna's INFO logging is quiet while it runs, other log lines
+    go above the bar. A deadline bar is refreshed from a background thread, so its clock moves
+    during long trials."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bar = ProgressBar(study, settings, until)
-    stop = threading.Event()
-    ticker = None
-    if until is not None:
-        every = REFRESH_TTY if sys.stderr.isatty() else REFRESH_LOG
+    with logging_redirect_tqdm(_console_loggers(), tqdm_class=tqdm):
+        bar = ProgressBar(study, settings, until)
+        stop = threading.Event()
+        ticker = None
+        if until is not None:
+            every = REFRESH_TTY if sys.stderr.isatty() else REFRESH_LOG
 
-        def tick():
-            while not stop.wait(every):
-                bar.refresh()
+            def tick():
+                while not stop.wait(every):
+                    bar.refresh()
 
-        ticker = threading.Thread(target=tick, name="progress-clock", daemon=True)
-        ticker.start()
-    try:
-        yield bar
-    finally:
-        stop.set()
-        if ticker is not None:
-            ticker.join()
-        bar.bar.close()
-        optuna.logging.set_verbosity(verbosity)
+            ticker = threading.Thread(target=tick, name="progress-clock", daemon=True)
+            ticker.start()
+        try:
+            yield bar
+        finally:
+            stop.set()
+            if ticker is not None:
+                ticker.join()
+            bar.bar.close()
+            optuna.logging.set_verbosity(verbosity)
+
+
+def _console_loggers() -> list[logging.Logger]:
+    """Those of LOGGERS that write to stderr through a handler of their own (tqdm's redirect
+    would add one to a logger without)."""
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    return [logger for logger in loggers
+            if any(type(h) is logging.StreamHandler and h.stream is sys.stderr for h in logger.handlers)]
 
 
 def dashboard_command(storage: str) -> str:

@@ -1,12 +1,15 @@
 """A study database that goes away: real PostgreSQL behind a TCP relay the test cuts, as a
 server restart or a network outage would. A short outage is ridden out with one retry line
 per attempt; a longer one fails the running trial with a one-line error (exit 75), and the
-study resumes once the database is back. (The tracking server's restart and a real
-PostgreSQL restart: `deploy/drill.py`, figures in bench/README.md.)
+study resumes once the database is back. A tracking server that does not answer at the start
+(a closed port), or answers every request with an error, ends a command with a one-line error
+and exit 75 within the worker's patience, not MLflow's minutes. (The tracking server's restart
+and a real PostgreSQL restart: `deploy/drill.py`, figures in bench/README.md.)
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
@@ -16,11 +19,11 @@ import time
 
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from test_distributed import TINY_SPACE, postgres  # noqa: F401  (a fixture)
 from mlflow.tracking import MlflowClient
 
-from pipeline.retries import Unreachable
+from pipeline.retries import START_PATIENCE, Unreachable, tracking_patience
 from pipeline.study import make_storage
 
 
@@ -151,3 +154,62 @@ def test_a_worker_fails_its_trial_cleanly_when_the_database_stays_away_and_the_s
 
 def _trials(storage):
     return storage.get_all_trials(storage.get_study_id_from_name("s")) if storage.get_all_studies() else []
+
+
+def pipeline(*args, env):
+    """`python -m pipeline ...` with `env` over this environment; well inside 60 s or a failure."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+
+
+def test_a_tracking_server_that_does_not_answer_at_the_start_is_one_line_and_exit_75(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # bound, then closed: nothing listens
+    result = pipeline("main", "--dataset", "digits", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                      env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 75 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == f"error: the tracking server {uri} did not answer for {START_PATIENCE} s " \
+                        "([Errno 111] Connection refused)", lines
+    assert all(line.startswith(f"the tracking server {uri}: [Errno 111] Connection refused; retry ")
+               for line in lines[:-1]), lines
+    assert not (tmp_path / "optuna.db").exists(), "nothing was made"
+
+
+class Failing(http.server.BaseHTTPRequestHandler):
+    """A tracking server that answers every request 503 (overloaded), counting MLflow's."""
+    api_requests = 0
+
+    def do_GET(self):
+        if self.path.startswith("/api/"):
+            type(self).api_requests += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_PATCH = do_DELETE = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("env", [{}, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}], ids=["derived", "user-set"])
+def test_a_worker_waits_for_a_failing_tracking_server_as_long_as_its_patience(tmp_path, env):
+    """grace_period 6 - heartbeat_interval 1: a patience of 5 s, so 2 retries of MLflow's client
+    (MLflow's own default: 7, about 4 minutes); a user's MLFLOW_HTTP_REQUEST_MAX_RETRIES wins."""
+    Failing.api_requests = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = pipeline("search", "--dataset", "digits", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                          "--n-trials", "1", "--epochs", "1", "--grace-period", "6", "--heartbeat-interval", "1",
+                          env={"MLFLOW_TRACKING_URI": uri, **env})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 75 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the tracking server {uri} did not answer within a worker's patience "
+        "(grace_period - heartbeat_interval s; MLFLOW_HTTP_REQUEST_MAX_RETRIES overrides)")
+    retries = int(env.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or tracking_patience(5)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    assert Failing.api_requests == retries + 1, result.stderr[-3000:]
