@@ -136,7 +136,8 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         metrics = {}
         if command in REFITS:
             epochs = _refit_epochs(study, settings, data, plan) if plan else None
-            metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs)}
+            stop_at = plan.end - reserve(settings) if plan else None
+            metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs, stop_at=stop_at)}
         tracker.describe(description(study, settings, tracker.client.get_run(tracker.parent_run_id)))
         print(summary(study, settings, tracker.parent_run_id, metrics))
         status = "FINISHED"

@@ -52,10 +52,11 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker, *, epochs: int | None = None) -> dict:
+def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker, *, epochs: int | None = None,
+                   stop_at: float | None = None) -> dict:
     """Refit the best configuration, open the test split once, log everything to the parent.
     `epochs`: the refit's (a time budget's plan); default `refit_epochs`, else the epochs the best
-    trial needed."""
+    trial needed. `stop_at`: epoch seconds at which the fit ends regardless (a budget's reserve)."""
     best = best_trial(study, settings)
     params = best.user_attrs[names.PARAMS]
     epochs = epochs or settings.refit_epochs or int(best.user_attrs[names.EPOCHS_NEEDED])
@@ -68,7 +69,7 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     start = time.perf_counter()
     with tracker.system_metrics(run_id, resume=True):
         model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs,
-                         seed=settings.seed, callbacks=callbacks)
+                         seed=settings.seed, callbacks=callbacks, stop_at=stop_at)
     tracker.flush(run_id)
     fitted = time.perf_counter()
 

@@ -133,6 +133,21 @@ class StopOnSignal(keras.callbacks.Callback):
     on_test_batch_end = on_train_batch_end
 
 
+class StopAt(keras.callbacks.Callback):
+    """Ends a fit after the batch during which the clock passed `when` (epoch seconds): a time
+    budget's refit never runs into the budget's reserve, even when an epoch took longer than
+    planned. Says so in one line."""
+
+    def __init__(self, when: float):
+        super().__init__()
+        self.when, self.stopped = when, False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.stopped and time.time() >= self.when:
+            self.stopped = self.model.stop_training = True
+            print(f"refit: stopped at the time budget's end (epoch cut short at batch {batch + 1})", flush=True)
+
+
 class KeepModel(keras.callbacks.Callback):
     """Hands the fitted model back to a caller that needs more than metrics (latency, test
     scores): after `train`, `.model` holds it with early stopping's best weights restored."""
@@ -189,9 +204,13 @@ def train(
     return metrics
 
 
-def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: int, seed: int = 42, callbacks=None):
-    """Refit on the whole train split for a fixed number of epochs; returns the model."""
+def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: int, seed: int = 42, callbacks=None,
+             stop_at: float | None = None):
+    """Refit on the whole train split for a fixed number of epochs (`stop_at`: or until then,
+    epoch seconds); returns the model."""
     keras.utils.set_random_seed(seed)
+    if stop_at is not None:
+        callbacks = [*(callbacks or []), StopAt(stop_at)]
     model = scheduled_model(params, input_shape, n_classes, len(y), epochs)
     images = Images(x, y)
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
