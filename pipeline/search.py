@@ -7,9 +7,16 @@ trains each fold with pruning and logging callbacks, and
 returns the mean validation score, followed by the parameter count and/or the measured
 inference latency per image in a multi-objective study. The test split is never touched here.
 
+In a study with rungs (`pipeline.budget.rungs`) a trial is one evaluation of successive
+halving: it trains its rung's epochs unpruned, records its rung and fidelity, and a promotion
+another trial already trains is failed untrained.
+
 `run_search` first recovers the trials of dead workers (`pipeline.recover`), then runs
-trials until the study, all workers together, has `n_trials` complete or pruned ones, and
-no trial starts after the study-wide deadline.
+trials one `study.optimize` call at a time (Optuna's heartbeat, stale-trial check and tell
+each time) until the study, all workers together, has `n_trials` complete or pruned ones:
+no trial starts after the study-wide deadline (`timeout`), and none that could not finish
+before a time budget's search share ends (`until`). With rungs, each complete evaluation
+enqueues the promotions it makes due.
 """
 
 from __future__ import annotations
