@@ -1,16 +1,19 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make run    # builds .venv, then `mlflow run .` on the embedded digits data
-#   make test   # builds .venv (with the JAX backend beside TensorFlow), then the test suite
+#   make test   # builds .venv (with the JAX backend beside TensorFlow), lints, then the test suite
 PYTHON ?= python3.11
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: run test
+.PHONY: run test lint
 run: $(VENV)/.installed
 	mlflow run . --env-manager local
 
-test: $(VENV)/.installed $(VENV)/.jax
+test: lint $(VENV)/.jax
 	python -m pytest -q
+
+lint: $(VENV)/.installed  # settings: pyproject.toml's [tool.ruff]
+	ruff check .
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -15,8 +15,6 @@ import argparse
 
 from common import EpochClock, result_line
 
-import numpy as np  # noqa: E402
-
 from pipeline.data import load_dataset  # noqa: E402
 from pipeline.train import train, validation_splits  # noqa: E402
 

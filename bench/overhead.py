@@ -9,11 +9,12 @@ Optuna SQLite storage, early stopping), interleaved a, b, a, b, ...
         --warm-start search_spaces/cifar10_start.yaml     # the CIFAR-10 recipe's net
 
 `--system-metrics 1` turns on MLflow's system-metrics monitor for the pipeline's trials, to
-measure what `system_metrics=1` costs. Per-epoch wall time is measured from one epoch's start to the next (every callback's
-end-of-epoch work included), first (tracing) epoch left out; the figure is the median
-over repeats. Also reported: the whole-trial ratio (`trial_ratio`), Optuna's start-to-end
-time of the trial (sampling, MLflow run, model build, fit, logging) over the bare model's
-build + fit, which counts the per-trial fixed costs the per-epoch figure leaves out. Each repeat of (b) is a fresh study, so its single trial has the same seed
+measure what `system_metrics=1` costs. Per-epoch wall time is measured from one epoch's start
+to the next (every callback's end-of-epoch work included), first (tracing) epoch left out;
+the figure is the median over repeats. Also reported: the whole-trial ratio (`trial_ratio`),
+Optuna's start-to-end time of the trial (sampling, MLflow run, model build, fit, logging) over
+the bare model's build + fit, which counts the per-trial fixed costs the per-epoch figure
+leaves out. Each repeat of (b) is a fresh study, so its single trial has the same seed
 as (a) and trains the same weights. Last line: `name=value` pairs ending with
 `overhead_ratio=<b/a>` (target <= 1.05). `--warm-start FILE` trains the first configuration
 of a warm-start file (in its own space) instead of the default fixed model. Both sides also

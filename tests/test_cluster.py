@@ -204,7 +204,7 @@ def test_the_stack_survives_killed_workers_and_serves_the_refit_model(stack, tmp
         assert s.password not in json.dumps([run.data.params, run.data.tags])
 
 
-def test_workers_logging_one_dataset_at_once_all_succeed(postgres, _digits, monkeypatch):
+def test_workers_logging_one_dataset_at_once_all_succeed(postgres, _digits, monkeypatch):  # noqa: F811
     """MLflow's SQL store looks a dataset up, then inserts it: six runs logging a new dataset
     at the same moment race for its row, and each must still log it (`log_datasets` retries)."""
     url, _ = postgres

@@ -3,6 +3,8 @@ same as the CLI's."""
 
 from __future__ import annotations
 
+import tomllib
+
 import yaml
 from conftest import ROOT
 
@@ -22,6 +24,21 @@ def test_conda_pip_section_matches_requirements():
     assert pip == requirements
     assert all("==" in line for line in requirements)
     assert "python=3.11" in conda["dependencies"]
+
+
+def test_pyproject_pins_the_runtime_requirements_and_a_test_extra_the_rest():
+    """requirements.txt's lines before its "# test and tooling only" comment are the package's
+    dependencies, those after it its `test` extra; the console script is the CLI's `main`."""
+    text = (ROOT / "requirements.txt").read_text()
+    runtime, marker, tooling = text.partition("\n# test and tooling only")
+    assert marker, "requirements.txt marks where its test and tooling pins start"
+    runtime, tooling = pinned_lines(runtime), pinned_lines(tooling.split("\n", 1)[1])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == runtime
+    assert project["optional-dependencies"] == {"test": tooling}
+    assert {line.split("==")[0] for line in tooling} == {"pytest", "ruff", "uv"}
+    assert project["scripts"] == {"cnn-search": "pipeline.cli:main"}
+    assert project["requires-python"] == ">=3.11"
 
 
 def test_mlproject_entry_points_pass_every_setting_with_the_cli_default():

@@ -142,7 +142,7 @@ def test_progress_bar_counts_trials_against_the_budget_and_shows_the_best(store)
 
 def test_summary_names_states_best_trial_run_and_commands(store):
     out, study = store["stdout"], store["study"]
-    assert f"study 'report-study': 3 trials (3 COMPLETE), budget 3" in out
+    assert "study 'report-study': 3 trials (3 COMPLETE), budget 3" in out
     assert f"best trial: #{study.best_trial.number} val_accuracy={study.best_value:.4f}" in out
     assert f"  depth = {study.best_trial.params['depth']}" in out
     assert f"test_accuracy={store['metrics']['test_accuracy']:.4f}" in out

@@ -10,7 +10,6 @@ import sys
 import keras
 import numpy as np
 import optuna
-import pytest
 from conftest import ROOT, runs_of
 
 from pipeline.cli import main, run

@@ -12,7 +12,6 @@ import warnings
 
 import mlflow
 import numpy as np
-import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
