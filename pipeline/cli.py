@@ -117,7 +117,7 @@ def _recover(settings: Settings, space) -> dict:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.recover import recover
+    from pipeline.recover import recover, settle
     from pipeline.study import open_study
 
     study = open_study(settings, space, create=False)
@@ -127,6 +127,7 @@ def _recover(settings: Settings, space) -> dict:
     except (KeyError, MlflowException):
         experiment_id = None  # no parent in this tracking store: only the study is recovered
     failed, closed = recover(study, client, experiment_id)
+    failed += settle(study, client, experiment_id, settings.grace_period, min(2.0, settings.heartbeat_interval))
     if not (failed or closed):
         print(f"recover: study {study.study_name!r}: no dead trials")
     return {}

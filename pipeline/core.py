@@ -30,6 +30,7 @@ from pipeline.config import REFITS, SEARCHES, Settings
 from pipeline.data import Dataset
 from pipeline.errors import PipelineError
 from pipeline.pareto import log_front
+from pipeline.recover import settle
 from pipeline.refit import refit_and_test
 from pipeline.report import log_study_report
 from pipeline.search import Objective, run_search
@@ -134,6 +135,9 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             log_front(study, settings, tracker)
         log_study_report(study, tracker.client, tracker.parent_run_id)
         metrics = {}
+        if command == "refit":  # a worker killed late leaves no RUNNING trial behind (`main` settled in its search)
+            settle(study, tracker.client, tracker.experiment_id, settings.grace_period,
+                   min(2.0, settings.heartbeat_interval))
         if command in REFITS:
             epochs = _refit_epochs(study, settings, data, plan) if plan else None
             stop_at = plan.end - reserve(settings) if plan else None

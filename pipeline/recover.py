@@ -3,7 +3,8 @@
     python -m pipeline recover --study-name NAME --storage URL     # on demand (also in MLproject)
 
 Every worker does the same when it starts a search, and before each trial it closes the
-MLflow runs of trials that failed meanwhile. How a dead worker is found:
+MLflow runs of trials that failed meanwhile; when it is done, and before a refit, it waits for
+other workers' running trials to finish or be found dead (`settle`). How a dead worker is found:
 - RDB storages (sqlite, postgresql, mysql): its trial's heartbeat is older than `grace_period`
   (Optuna's `fail_stale_trials`, which Optuna also runs before every trial);
 - a journal storage has no heartbeat: each trial records its owner (`worker_host`,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 
 import optuna
@@ -85,3 +87,23 @@ def recover(study: optuna.Study, client, experiment_id: str | None) -> tuple[lis
         print(f"recover: study {study.study_name!r}: failed and requeued dead trials {failed}, "
               f"closed their MLflow runs {closed}")
     return failed, closed
+
+
+def settle(study: optuna.Study, client, experiment_id: str | None, grace_period: float, poll: float = 1.0) -> list[int]:
+    """When this worker is done (budget spent, deadline passed) or before a refit: while trials of
+    other workers are RUNNING, wait (at most `grace_period` + `poll` s) for each to finish or be
+    found dead, failing dead ones and closing their MLflow runs (`recover`), so a worker killed
+    late in a study leaves no RUNNING trial or run behind. Trials of live processes on this host
+    are not waited for (their worker ends them), nor, on a journal file, trials of other hosts.
+    Returns the trial numbers failed."""
+    failed, deadline = [], time.monotonic() + grace_period + poll
+    journal = isinstance(study._storage, JournalStorage)
+    while True:
+        failed += recover(study, client, experiment_id)[0]
+        def unknown(t):  # a RUNNING trial whose worker may have died, this process's excepted
+            pid, here = t.user_attrs.get(names.WORKER_PID), t.user_attrs.get(names.WORKER_HOST) == HOST
+            return not (journal or (here and (pid == os.getpid() or _alive(pid))))
+        waiting = [t for t in study.get_trials(deepcopy=False, states=(RUNNING,)) if unknown(t)]
+        if not waiting or time.monotonic() >= deadline:
+            return failed
+        time.sleep(poll)

@@ -35,7 +35,7 @@ from pipeline.budget.plan import Cost, evaluation_seconds
 from pipeline.budget.rungs import DuplicatePromotion, duplicate_of, next_rung, promote, rung_of, study_rungs
 from pipeline.config import Settings
 from pipeline.model import latency_ms
-from pipeline.recover import HOST, mark_owner, recover
+from pipeline.recover import HOST, mark_owner, recover, settle
 from pipeline.study import counted_trials, deadline
 from pipeline.terminal import progress_bar
 from pipeline.tracking import Tracker, log_datasets, log_metrics
@@ -216,3 +216,5 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
                                catch=(DuplicatePromotion,))
     finally:
         gc.unfreeze()
+    tracker = objective.tracker
+    settle(study, tracker.client, tracker.experiment_id, settings.grace_period, min(2.0, settings.heartbeat_interval))

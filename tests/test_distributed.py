@@ -363,3 +363,25 @@ def test_storage_urls_read_variables_from_the_environment_and_hide_passwords(tmp
     with pytest.raises(PipelineError) as error:
         make_storage("postgresql://someone:hunter2secret@127.0.0.1:1/none")
     assert "someone:***@" in str(error.value) and "hunter2secret" not in str(error.value)
+
+
+def test_a_worker_killed_after_the_last_trial_was_handed_out_leaves_nothing_running(sqlite_workers):
+    """Worker A takes trial 0 and is SIGKILLed; worker B then spends the rest of the budget
+    (trials 1 and 2) before A's heartbeat is stale. B waits for it to go stale (bounded by the
+    grace period), fails it and closes its MLflow run: once B exits no trial and no run is RUNNING."""
+    workers = sqlite_workers
+    doomed = workers.start("--n-trials", "2", "--grace-period", "8", *SLOW)
+    victim = wait_until_training(proc=doomed)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    code, out = workers.run("--n-trials", "2", "--epochs", "1", "--grace-period", "8")
+    assert code == 0, out
+    study = workers.study()
+    assert counted_trials(study) == 2
+    assert study.trials[0].state.name == "FAIL", out
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert "failed and requeued dead trials [0]" in out
+    runs = runs_of("dist")
+    assert not [r for r in runs if r.info.status == "RUNNING"], "no MLflow run left RUNNING, the parent's included"
+    dead = next(r for r in runs if r.info.run_id == victim.info.run_id)
+    assert dead.info.status == "FAILED" and "worker died" in dead.data.tags[FAIL_REASON]

@@ -30,8 +30,9 @@ from pipeline.errors import PipelineError
 COMPLETE, FAIL, WAITING = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING
 
 
-class DuplicatePromotion(Exception):
-    """This evaluation repeats a promotion another trial already makes: not trained."""
+class DuplicatePromotion(PipelineError):
+    """This evaluation repeats a promotion another trial already makes: not trained (a
+    PipelineError: Optuna's warning about the failed trial is one line, pipeline.quiet)."""
 
 
 def check_rungs(study: optuna.Study, wanted: list[int] | None) -> None:
