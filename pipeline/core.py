@@ -111,7 +111,9 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             if command in REFITS or (command == "search" and settings.rung_epochs is None
                                      and names.RUNGS not in study.user_attrs):
                 train_rows = objective.splits[0].train_rows if objective else range(len(data.y_train))
-                cost = _probe(_a_configuration(space, warm, settings.seed), data, train_rows, settings.seed)
+                params = (_best_params(study, settings) if command == "refit"
+                          else _a_configuration(space, warm, settings.seed))
+                cost = _probe(params, data, train_rows, settings.seed)
             plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1])
             print(plan.line(), flush=True)
             tracker.client.set_tag(tracker.parent_run_id, "plan", plan.line())
@@ -120,8 +122,11 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         if command in SEARCHES:
             planned = list(plan.rungs) if plan and not settings.multi_objective else []
             objective.rungs = fix_rungs(study, settings.rung_epochs, planned, settings.eta)
-            if plan and cost:
-                set_startup(study, _startup(plan, objective.rungs, cost, rows, settings.workers, settings.epochs))
+            if plan and cost:  # stored in the study, so that the workers it starts sample alike
+                study.set_user_attr(names.TPE_STARTUP, _startup(plan, objective.rungs, cost, rows, settings.workers,
+                                                                settings.epochs))
+            if names.TPE_STARTUP in study.user_attrs:
+                set_startup(study, int(study.user_attrs[names.TPE_STARTUP]))
             until = plan.search_until if plan else None
             start = time.perf_counter()
             if settings.workers > 1:
@@ -139,7 +144,7 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             settle(study, tracker.client, tracker.experiment_id, settings.grace_period,
                    min(2.0, settings.heartbeat_interval))
         if command in REFITS:
-            epochs = _refit_epochs(study, settings, data, plan) if plan else None
+            epochs = _refit_epochs(study, settings, data, plan, cost if command == "refit" else None) if plan else None
             stop_at = plan.end - reserve(settings) if plan else None
             metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs, stop_at=stop_at)}
         tracker.describe(description(study, settings, tracker.client.get_run(tracker.parent_run_id)))
@@ -153,16 +158,20 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         tracker.finish(status)
 
 
-def _refit_epochs(study: optuna.Study, settings: Settings, data: Dataset, plan: Plan) -> int:
-    """The refit's epochs planned again now: from a probe of the configuration it refits, the
-    most that fit the time left before the budget's reserve (`refit_epochs` where given)."""
-    if settings.refit_epochs:
-        return settings.refit_epochs
+def _best_params(study: optuna.Study, settings: Settings) -> dict:
     from pipeline.best import best_trial
 
-    params = best_trial(study, settings).user_attrs[names.PARAMS]
+    return best_trial(study, settings).user_attrs[names.PARAMS]
+
+
+def _refit_epochs(study: optuna.Study, settings: Settings, data: Dataset, plan: Plan, cost: Cost | None) -> int:
+    """The refit's epochs planned again now: from a probe of the configuration it refits (`cost`
+    where one was just made), the most that fit the time left before the budget's reserve
+    (`refit_epochs` where given)."""
+    if settings.refit_epochs:
+        return settings.refit_epochs
     rows = len(data.y_train)
-    cost = _probe(params, data, range(rows), settings.seed)
+    cost = cost or _probe(_best_params(study, settings), data, range(rows), settings.seed)
     left = plan.end - time.time() - reserve(settings)
     epochs = refit_epochs_for(left, cost, rows)
     print(f"refit plan: {epochs} epoch(s) ≈ {duration(cost.fit(epochs, rows))} of the {duration(max(0.0, left))} left "

@@ -31,6 +31,7 @@ DEADLINE = "deadline"  # epoch seconds after which no trial starts
 WARM_STARTED = "warm_start_enqueued"  # {name: params} of the configurations already enqueued
 RUNGS = "rungs"  # successive halving: [epochs per rung] fixed by the first worker ([] = no rungs), and
 ETA = "eta"  # the promotion share 1/eta
+TPE_STARTUP = "tpe_startup"  # random evaluations before TPE models a rung, as a time budget sized them
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
 

@@ -166,7 +166,8 @@ def make_sampler(name: str, seed: int) -> RungSampler:
 
 def set_startup(study: optuna.Study, startup: int) -> None:
     """Random evaluations before TPE models the study (or, with rungs, a rung): sized to the
-    budget's rung-0 evaluations by the planner."""
+    budget's rung-0 evaluations by the planner (and kept in the study, `tpe_startup`, for every
+    worker)."""
     sampler = study.sampler
     sampler.startup = startup
     if isinstance(sampler.base, TrialSeededSampler):

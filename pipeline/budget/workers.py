@@ -6,7 +6,8 @@ One TensorFlow process keeps only ~1.2 of 2 cores busy at CNN batch sizes (small
 over threads); N processes of cores/N threads each train more evaluations an hour (issue 22:
 1.66x on 2 cores). Each worker is `python -m pipeline search` on the same study and storage with
 `workers=1`, `threads` = cores // N (or the `threads` given, per worker), no warm start (the
-caller enqueued it) and, with `until`, the time budget that ends its search then. A worker's
+caller enqueued it) and, with `until`, the time budget that ends then (its search ends its
+reserve earlier: the worker's report and exit fit before `until`). A worker's
 output goes to `worker-logs/<study>/worker-<i>.log`; this process shows the study's progress bar
 meanwhile. Ctrl-C or SIGTERM here is passed on to the workers (each fails its running trial, as
 a signalled worker does) and waited for.
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import optuna
 
-from pipeline.budget.plan import RESERVE_SECONDS, RESERVE_SHARE
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.terminal import progress_bar
@@ -37,10 +37,9 @@ def worker_settings(settings: Settings, until: float | None, now: float | None =
     """What each worker runs: one process, its share of the cores, the budget that ends at `until`."""
     now = time.time() if now is None else now
     threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
-    budget = 0
-    if until is not None:  # a worker's search ends its reserve before its budget does: add it back
-        left = max(1.0, until - now)
-        budget = int(left + RESERVE_SECONDS + RESERVE_SHARE * left) + 1
+    # a worker's budget ends at `until`: its search ends its reserve earlier, which its report and
+    # exit take, so that this process's refit starts on time
+    budget = max(1, int(until - now)) if until is not None else 0
     return settings.replace(workers=1, threads=threads, warm_start="", only="", time_budget=budget)
 
 
