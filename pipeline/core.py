@@ -125,6 +125,8 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             if plan and cost:  # stored in the study, so that the workers it starts sample alike
                 study.set_user_attr(names.TPE_STARTUP, _startup(plan, objective.rungs, cost, rows, settings.workers,
                                                                 settings.epochs))
+            if plan and plan.trial_epochs and not objective.rungs:  # plain trials the search's share can pay for
+                objective.settings = settings.replace(epochs=plan.trial_epochs)
             if names.TPE_STARTUP in study.user_attrs:
                 set_startup(study, int(study.user_attrs[names.TPE_STARTUP]))
             until = plan.search_until if plan else None

@@ -59,13 +59,17 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
     s = Settings(time_budget=3600)
     plan = make_plan(s, "main", started=1000.0, cost=cost, rows=8000, val_rows=2000, now=1000.0)
     left = 3600 - (10 + 36)  # the reserve: 10 s + 1% of the budget
-    assert plan.refit_epochs == int((0.4 * left - 5) // 50) == 28
-    assert plan.search_until == pytest.approx(1000 + left - (5 + 28 * 50))
-    assert plan.end == 4600.0 and plan.rungs and plan.rungs[0] == 1
-    assert plan.line().startswith("time budget 3600 s: search until ") and "refit 28 epochs ≈ 23 min" in plan.line()
-    # twice the cost per epoch (a slower machine, or one thread): about half the refit's epochs
+    assert plan.refit_epochs == int((0.5 * left - 5) // 50) == 35
+    assert plan.search_until == pytest.approx(1000 + left - (5 + 35 * 50))
+    assert plan.end == 4600.0 and plan.rungs == (1, 4, 13)  # 3 rungs of ~13 epoch-evaluations each fit the search
+    assert plan.line().startswith("time budget 3600 s: search until ") and "refit 35 epochs ≈ 29 min" in plan.line()
+    # twice the cost per epoch (a slower machine, or one thread): about half the epochs
     slow = make_plan(s, "main", 1000.0, Cost(5.0, 1.0, 100), rows=8000, val_rows=2000, now=1000.0)
-    assert slow.refit_epochs == 14 and slow.search_until == pytest.approx(plan.search_until, abs=30)
+    assert slow.refit_epochs == 17 and slow.rungs == (1, 2, 6)
+    assert slow.search_until == pytest.approx(plan.search_until, abs=60)
+    # without rungs a trial's epochs are capped so that 3 trials fit the search (`epochs` caps further)
+    plain = make_plan(s.replace(rungs="off", epochs=100), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0)
+    assert plain.rungs == () and plain.trial_epochs == int((1799 / 3 - 5 - 2) // (40 + 10 / 3)) == 13
     # given refit epochs are kept; `search` spends it all; `refit` spends it all on the refit
     assert make_plan(s.replace(refit_epochs=5), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).refit_epochs == 5
     assert make_plan(s, "search", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).search_until == 1000 + left
@@ -76,8 +80,9 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
 
 def test_planned_rungs_are_eta_apart_and_fewer_on_a_short_budget():
     cost = Cost(setup=1.0, batch=0.1, batch_size=100)  # ~10 s an epoch of 8,000 + 2,000 images
-    assert planned_rungs(3000, cost, 8000, 2000, eta=3) == [6, 18, 55]
-    assert planned_rungs(300, cost, 8000, 2000, eta=3) == [1, 3]
+    assert planned_rungs(3000, cost, 8000, 2000, eta=3) == [13, 38, 113]
+    assert planned_rungs(300, cost, 8000, 2000, eta=3) == [1, 3, 9]
+    assert planned_rungs(100, cost, 8000, 2000, eta=3) == [1, 4]  # two rungs where three do not fit
     assert planned_rungs(30, cost, 8000, 2000, eta=3) == []
 
 

@@ -9,6 +9,8 @@ The budget counts from the process's start (loading included) and ends at `start
   of the budget;
 - `main`: the refit gets REFIT_SHARE of the time left after loading and the reserve (or
   `refit_epochs` epochs where given), the search the rest; `search`: all of it; `refit`: all of it;
+- without rungs (too short a search for two, or `rungs=off`): a trial's epochs are capped so that
+  MIN_TRIALS trials fit the search's share (`epochs` caps it further);
 - the rungs, where `rungs` is empty: the most rungs (at most MAX_RUNGS, a factor `eta` apart) whose
   top rung is at least 1 epoch when the search's share pays for BRACKETS full brackets of
   successive halving (a bracket costs about rungs x top-rung epochs).
@@ -29,8 +31,9 @@ from pipeline.config import Settings
 
 RESERVE_SECONDS = 10.0  # the end of a run: predicting the test split, the study report, logging, registering
 RESERVE_SHARE = 0.01  # and this share of the budget
-REFIT_SHARE = 0.4  # of the time after loading and the reserve, for `main`'s refit
-BRACKETS = 2  # full brackets of successive halving the search's share should pay for
+REFIT_SHARE = 0.5  # of the time after loading and the reserve, for `main`'s refit
+BRACKETS = 1  # full brackets of successive halving the search's share should pay for
+MIN_TRIALS = 3  # without rungs: plain trials the search's share should pay for
 MAX_RUNGS = 3
 BOOKKEEPING = 2.0  # seconds around an evaluation's fit (its MLflow run, datasets, the study's writes)
 HISTORY = 20  # finished evaluations an estimate learns from, the latest
@@ -96,6 +99,7 @@ class Plan:
     refit_epochs: int  # 0: no refit in this command
     refit_seconds: float
     rungs: tuple[int, ...]  # planned epochs per rung ((): none planned)
+    trial_epochs: int = 0  # without rungs: the most epochs a trial may train (0: `epochs`, unplanned)
 
     def line(self) -> str:
         parts = []
@@ -103,6 +107,8 @@ class Plan:
             parts.append(f"search until {time.strftime('%H:%M:%S UTC', time.gmtime(self.search_until))}")
         if self.rungs:
             parts.append(f"rungs of {', '.join(map(str, self.rungs))} epochs")
+        elif self.trial_epochs:
+            parts.append(f"trials of at most {self.trial_epochs} epoch(s)")
         if self.refit_epochs:
             parts.append(f"refit {self.refit_epochs} epochs ≈ {duration(self.refit_seconds)}")
         return f"time budget {self.budget} s: " + ", ".join(parts)
@@ -140,7 +146,16 @@ def make_plan(settings: Settings, command: str, started: float, cost: Cost | Non
         search_until = now + max(0.0, left - refit_seconds)
         if settings.rung_epochs is None and cost is not None:
             rungs = planned_rungs(search_until - now, cost, rows, val_rows, settings.eta)
-    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs))
+    trial_epochs = 0
+    if search_until is not None and cost is not None and not rungs and settings.rung_epochs in (None, []):
+        trial_epochs = min(settings.epochs, trial_epochs_for(search_until - now, cost, rows, val_rows))
+    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs), trial_epochs)
+
+
+def trial_epochs_for(search_seconds: float, cost: Cost, rows: int, val_rows: int) -> int:
+    """Without rungs: the most epochs for which MIN_TRIALS trials fit the search's share (at least 1)."""
+    per_trial = search_seconds / MIN_TRIALS - cost.setup - BOOKKEEPING
+    return max(1, int(per_trial // (cost.epoch(rows) + VALIDATION_COST * cost.epoch(val_rows))))
 
 
 def evaluation_seconds(epochs: int, history: list[tuple[int, float]], cost: Cost | None, rows: int,
