@@ -10,7 +10,7 @@ caller enqueued it) and, with `until`, the time budget that ends then (its searc
 reserve earlier: the worker's report and exit fit before `until`). A worker's
 output goes to `worker-logs/<study>/worker-<i>.log`; this process shows the study's progress bar
 meanwhile. Ctrl-C or SIGTERM here is passed on to the workers (each fails its running trial, as
-a signalled worker does) and waited for.
+a signalled worker does) and waited for; so is any error that ends this process while they run.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def run_workers(study: optuna.Study, settings: Settings, until: float | None) ->
             while any(p.poll() is None for p in procs):
                 time.sleep(POLL)
                 bar(study, None)
-    except KeyboardInterrupt as e:
-        _stop(procs, signal.SIGTERM if str(e) == "SIGTERM" else signal.SIGINT)
+    except BaseException as e:  # Ctrl-C, SIGTERM, or this process failing (its output closed): no worker left behind
+        _stop(procs, signal.SIGINT if isinstance(e, KeyboardInterrupt) and str(e) != "SIGTERM" else signal.SIGTERM)
         raise
     codes = [p.returncode for p in procs]
     for i, code in enumerate(codes):
