@@ -8,12 +8,14 @@ temp stores, one after the other, so its wall time includes starting, loading an
         --search-space search_spaces/cifar10.yaml --warm-start search_spaces/cifar10_start.yaml
     python bench/budget_vs_default.py --dataset digits --budget 60 --sides search   # a quick look
 
-Options: `--sides search,default` (both by default), `--threads N` and `--workers N` for the
-search side (`--threads` for the default side too), `--seed`, `--n-trials` (the search's cap on
-evaluations; default 1000, so the budget ends it), `--extra "--rungs 1,3,9"` more options for
-the search side. Prints one `name=value` line per side: test accuracy and macro F1, wall seconds
-and their ratio to the budget (`overrun` = wall / budget - 1), the plan line, evaluations by
-rung, refit epochs, and the process's average CPU use (cores busy, its workers included).
+Options: `--parallel` runs the two sides at once, each pinned to its own core with one thread (the
+same budget on equal hardware, in half the wall time); `--sides search,default` (both by
+default); `--threads N` (both sides) and `--workers N` (the search side); `--seed`;
+`--n-trials` (the search's cap on evaluations; default 1000, so the budget ends it); `--extra
+"--rungs 1,3,9"`: more options for the search side. Prints one `name=value` line per side: test
+accuracy and macro F1, wall seconds and their ratio to the budget (`overrun` = wall / budget - 1),
+the plan line, evaluations by rung, refit epochs, and the process's average CPU use (cores busy,
+its workers included).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from common import ROOT, result_line
 import optuna  # noqa: E402
 
 
-def run_side(args, side: str, folder: Path) -> dict:
+def run_side(args, side: str, folder: Path, core: int | None = None):
+    """Start one side; returns a function that waits for it and gives its figures."""
     study = f"bench-{side}"
     storage = f"sqlite:///{folder}/optuna.db"
     common = ["--dataset", args.dataset, "--search-space", args.search_space, "--study-name", study,
@@ -53,14 +56,21 @@ def run_side(args, side: str, folder: Path) -> dict:
     else:
         _record_default(args, study, storage, env)
         command = ["refit", *common]
-    start_cpu = os.times()
+    pin = [] if core is None else ["taskset", "-c", str(core)]
+    log = open(folder / f"{side}.log", "w+")
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *command], cwd=folder, env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.Popen([*pin, sys.executable, "-m", "pipeline", *command], cwd=folder, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    return lambda: _figures(args, side, study, storage, proc, log, start)
+
+
+def _figures(args, side, study, storage, proc, log, start) -> dict:
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
-    end_cpu = os.times()
-    cpu = (end_cpu.children_user - start_cpu.children_user) + (end_cpu.children_system - start_cpu.children_system)
-    (folder / f"{side}.log").write_text(proc.stdout + proc.stderr)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime  # the process and its workers
+    log.seek(0)
+    proc.stdout, proc.stderr = log.read(), ""
     if proc.returncode:
         sys.exit(f"{side}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     found = lambda key: re.search(rf"^{key}=([\d.]+)$", proc.stdout, re.M)  # noqa: E731
@@ -109,14 +119,25 @@ def main():
     parser.add_argument("--n-trials", type=int, default=1000)
     parser.add_argument("--extra", default="")
     parser.add_argument("--keep", default="", help="folder to keep each side's stores and log in")
+    parser.add_argument("--parallel", action="store_true", help="both sides at once, each pinned to its own core "
+                                                                "with one thread")
     args = parser.parse_args()
+    if args.parallel:
+        args.threads = args.threads or 1
     args.dataset = args.dataset if args.dataset in ("digits", "cifar10") else str(Path(args.dataset).resolve())
     args.search_space, args.warm_start = str(Path(args.search_space).resolve()), str(Path(args.warm_start).resolve())
-    for side in args.sides.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"budget-{side}-") as tmp:
-            folder = Path(args.keep) / side if args.keep else Path(tmp)
+    sides = args.sides.split(",")
+    with tempfile.TemporaryDirectory(prefix="budget-") as tmp:
+        folders = {side: Path(args.keep or tmp) / side for side in sides}
+        for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-            print(result_line(run_side(args, side, folder)), flush=True)
+        if args.parallel:  # both at once, one core each
+            waits = [run_side(args, side, folders[side], core=i) for i, side in enumerate(sides)]
+            results = [wait() for wait in waits]
+        else:
+            results = [run_side(args, side, folders[side])() for side in sides]
+        for result in results:
+            print(result_line(result), flush=True)
 
 
 if __name__ == "__main__":
