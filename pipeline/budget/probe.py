@@ -4,7 +4,9 @@
 
 It builds the configuration's model and trains it on WARMUP + BATCHES batches of the given
 training rows (never validation or test rows); the batches after the warm-up give the seconds
-per batch, the rest the fixed cost of a fit (building, compiling, tracing). The model is thrown
+per batch (their median), the rest the fixed cost of a fit (building, compiling, tracing). On
+machine G (2026-12-01, one thread, the CIFAR-10 recipe's net) three probes said 38-45 s an
+epoch of 10,000 images and the epoch then took 46 s (bench/README.md). The model is thrown
 away. A few seconds on CIFAR-10-sized images; the digits data is small enough to run through.
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 from pipeline.budget.plan import Cost
 from pipeline.train import Images, scheduled_model
 
-WARMUP, BATCHES = 3, 12  # batches untimed (tracing, caches), then timed
+WARMUP, BATCHES = 3, 20  # batches untimed (tracing, caches), then timed
 
 
 class _BatchClock(keras.callbacks.Callback):
@@ -45,7 +47,7 @@ def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed:
     first = min(WARMUP, len(ends) - 2)
     if first < 0:  # one batch only: all of it counts as the batch
         return Cost(0.0, ends[-1] - start, batch_size)
-    batch = (ends[-1] - ends[first]) / (len(ends) - 1 - first)
+    batch = float(np.median(np.diff(ends[first:])))  # the median: a batch another process slowed counts little
     setup = max(0.0, ends[first] - start - (first + 1) * batch)
     del model
     keras.backend.clear_session()
