@@ -219,3 +219,16 @@ def test_a_study_made_before_rungs_resumes_with_plain_trials(tiny, digits):
     assert outcome.study.user_attrs[names.RUNGS] == []
     assert all(names.RUNG not in t.user_attrs for t in outcome.study.trials)
     assert len(outcome.study.trials) == 2 and 0 < outcome.metrics["test_accuracy"] <= 1
+
+
+def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
+    """Warm starts are enqueued before the rungs are fixed: a fresh study so started is not taken
+    for one made before rungs."""
+    space = load_space(tiny.search_space)
+    warm = {"known": space.complete({"depth": 1, "conv1_filters": 8, "conv1_kernel_size": 3, "dense_units": 64})}
+    outcome = run_study("search", tiny.replace(n_trials=1, rungs="1,2", eta=2), digits, space, warm=warm)
+    study = outcome.study
+    assert study.user_attrs[names.RUNGS] == [1, 2]
+    first = study.trials[0]
+    assert first.user_attrs[names.WARM_START] == "known" and first.user_attrs[names.RUNG] == 0
+    assert first.user_attrs[names.FIDELITY_EPOCHS] == 1 and first.state.name == "COMPLETE"

@@ -41,7 +41,7 @@ def check_rungs(study: optuna.Study, wanted: list[int] | None) -> None:
     if wanted is None:
         return
     stored = study.user_attrs.get(names.RUNGS)
-    if stored is None and wanted and study.get_trials(deepcopy=False):
+    if stored is None and wanted and _has_run(study):
         raise PipelineError(f"rungs={','.join(map(str, wanted))}: study {study.study_name!r} was made without "
                             "rungs; use another study_name")
     if stored is not None and wanted != stored:
@@ -56,13 +56,18 @@ def fix_rungs(study: optuna.Study, wanted: list[int] | None, planned: list[int],
     stored = study.user_attrs.get(names.RUNGS)
     if stored is None:
         rungs = wanted if wanted is not None else planned
-        if rungs and study.get_trials(deepcopy=False):
+        if rungs and _has_run(study):
             print(f"study {study.study_name!r} was made without rungs: it keeps plain trials")
             rungs = []
         study.set_user_attr(names.RUNGS, rungs)
         study.set_user_attr(names.ETA, eta)
         stored = study.user_attrs[names.RUNGS]  # a worker that wrote at the same moment may have won
     return list(stored)
+
+
+def _has_run(study: optuna.Study) -> bool:
+    """Whether any trial has started: warm starts only enqueued do not make a study old."""
+    return any(t.state != WAITING for t in study.get_trials(deepcopy=False))
 
 
 def study_rungs(study: optuna.Study) -> tuple[list[int], int]:
