@@ -17,6 +17,7 @@ cap (early stopping may end it before the rate reaches 0), the refit's own epoch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -58,8 +59,23 @@ class Images:
         if shuffle:
             ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
         x, y = self.x, self.y
-        ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i)), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(PREFETCH)
+        return ds.with_options(_not_autotuned())
+
+
+PREFETCH = 2  # batches gathered ahead of the model, a fixed depth (autotuning is off, `_not_autotuned`)
+
+
+def _not_autotuned():
+    """tf.data options without autotuning. An autotuned iterator has a model thread that sleeps
+    up to a minute between optimizations, and deleting the iterator waited that sleep out: a
+    refit (no validation) returned 9-44 s after its last epoch on 40,000 CIFAR-10 images, none
+    without autotuning (bench/refit_stall.py, bench/README.md)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 class RowBatches(keras.utils.PyDataset):
@@ -170,6 +186,37 @@ class EpochLines(keras.callbacks.Callback):
               flush=True)
 
 
+def fresh_start(seed: int) -> None:
+    """Before a model is built: drop the state Keras keeps from earlier models in this process
+    (`clear_session`; models already built stay usable), then seed."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+
+
+@contextlib.contextmanager
+def forget_custom_gradients():
+    """Unregisters, when the block ends, the gradient functions TensorFlow registered in it for
+    `tf.custom_gradient`. Keras' TensorFlow optimizer sums gradients through the replica
+    context's `all_reduce`, a custom gradient that registers one function per trace of the
+    train step (`CustomGradient-<n>`, never removed), and each closes over that trace's
+    tensors: every fitted model's traced graphs stayed alive, `clear_session` or not, and a
+    worker's memory grew with every trial (bench/memory_trials.py). The entries are needed
+    only while a step is traced; a fit traces its steps inside the block."""
+    registry = None
+    if keras.backend.backend() == "tensorflow":
+        from tensorflow.python.framework import ops
+
+        registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    before = set(registry) if isinstance(registry, dict) else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            for name in set(registry) - before:
+                if name.startswith("CustomGradient-"):
+                    del registry[name]
+
+
 def train(
     params: dict,
     split: Split,
@@ -184,19 +231,20 @@ def train(
     seed: int = 42,
 ) -> dict:
     """Fit a fresh model on `split` and return the best epoch's metrics."""
-    keras.utils.set_random_seed(seed)
+    fresh_start(seed)
     model = scheduled_model(params, input_shape, n_classes, len(split.train_rows), epochs)
     mode = "max" if direction == "maximize" else "min"
     early = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
     batch_size = params.get("batch_size", 32)
-    history = model.fit(
-        split.train_batches(batch_size, seed),
-        validation_data=split.val_batches(batch_size),
-        epochs=epochs,
-        callbacks=[*(callbacks or []), early, StopOnSignal()],
-        shuffle=False,  # the train batches reshuffle themselves
-        verbose=0,
-    ).history
+    with forget_custom_gradients():
+        history = model.fit(
+            split.train_batches(batch_size, seed),
+            validation_data=split.val_batches(batch_size),
+            epochs=epochs,
+            callbacks=[*(callbacks or []), early, StopOnSignal()],
+            shuffle=False,  # the train batches reshuffle themselves
+            verbose=0,
+        ).history
     scores = history[monitor]
     best = int(np.argmax(scores) if mode == "max" else np.argmin(scores))
     metrics = prefixed({k: v[best] for k, v in history.items()})
@@ -208,11 +256,12 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
              stop_at: float | None = None):
     """Refit on the whole train split for a fixed number of epochs (`stop_at`: or until then,
     epoch seconds); returns the model."""
-    keras.utils.set_random_seed(seed)
+    fresh_start(seed)
     if stop_at is not None:
         callbacks = [*(callbacks or []), StopAt(stop_at)]
     model = scheduled_model(params, input_shape, n_classes, len(y), epochs)
     images = Images(x, y)
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
-    model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal()], shuffle=False, verbose=0)
+    with forget_custom_gradients():
+        model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal()], shuffle=False, verbose=0)
     return model
