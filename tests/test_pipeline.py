@@ -128,3 +128,24 @@ def test_cross_validation_scores_each_trial_by_the_mean_over_folds(tmp_path, set
     history = MlflowClient().get_metric_history(trial.user_attrs["mlflow_run_id"], "val_accuracy")
     assert len(history) > s.epochs, "every fold logs its epochs"
     assert trial.user_attrs["epochs_run"] == len(history)
+
+
+def test_a_fit_keeps_no_traced_graph_and_its_input_is_not_autotuned(digits):
+    """The two causes bench/README.md found: TensorFlow's gradient registry kept a
+    `CustomGradient-<n>` entry (and with it every traced train step) per fit, so a worker's
+    memory grew with every trial; an autotuned tf.data input made a fit return up to a minute
+    after its last epoch. Neither is left: no entry survives a fit, and autotuning is off."""
+    from tensorflow.python.framework import ops
+
+    from pipeline.train import Images, train, validation_splits
+
+    registry = ops._gradient_registry._registry
+    split = validation_splits(digits.x_train, digits.y_train, 1, 0.2, 42)[0]
+    params = {"depth": 1, "conv1_filters": 4, "conv1_kernel_size": 3, "conv1_pool_size": 2, "dense_units": 8}
+    counts = []
+    for _ in range(2):
+        train(params, split, digits.input_shape, digits.n_classes, epochs=1)
+        counts.append(sum(name.startswith("CustomGradient-") for name in registry))
+    assert counts[0] == counts[1], "a fit left gradient functions (and their graphs) registered"
+    batches = Images(digits.x_train[:64], digits.y_train[:64]).batches(range(64), 32, shuffle=True)
+    assert batches.options().autotune.enabled is False
