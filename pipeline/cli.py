@@ -127,7 +127,7 @@ def _recover(settings: Settings, space) -> dict:
     except (KeyError, MlflowException):
         experiment_id = None  # no parent in this tracking store: only the study is recovered
     failed, closed = recover(study, client, experiment_id)
-    failed += settle(study, client, experiment_id, settings.grace_period, min(2.0, settings.heartbeat_interval))
+    failed += settle(study, client, experiment_id, settings)
     if not (failed or closed):
         print(f"recover: study {study.study_name!r}: no dead trials")
     return {}

@@ -143,8 +143,7 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         log_study_report(study, tracker.client, tracker.parent_run_id)
         metrics = {}
         if command == "refit":  # a worker killed late leaves no RUNNING trial behind (`main` settled in its search)
-            settle(study, tracker.client, tracker.experiment_id, settings.grace_period,
-                   min(2.0, settings.heartbeat_interval))
+            settle(study, tracker.client, tracker.experiment_id, settings)
         if command in REFITS:
             epochs = _refit_epochs(study, settings, data, plan, cost if command == "refit" else None) if plan else None
             stop_at = plan.end - reserve(settings) if plan else None

@@ -27,6 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalStorage
 
 from pipeline import names
+from pipeline.config import Settings
 from pipeline.study import MAX_RETRY
 from pipeline.tracking import close_dead_runs
 
@@ -89,14 +90,15 @@ def recover(study: optuna.Study, client, experiment_id: str | None) -> tuple[lis
     return failed, closed
 
 
-def settle(study: optuna.Study, client, experiment_id: str | None, grace_period: float, poll: float = 1.0) -> list[int]:
+def settle(study: optuna.Study, client, experiment_id: str | None, settings: Settings) -> list[int]:
     """When this worker is done (budget spent, deadline passed) or before a refit: while trials of
-    other workers are RUNNING, wait (at most `grace_period` + `poll` s) for each to finish or be
+    other workers are RUNNING, wait (at most `grace_period` + a poll of up to 2 s) for each to finish or be
     found dead, failing dead ones and closing their MLflow runs (`recover`), so a worker killed
     late in a study leaves no RUNNING trial or run behind. Trials of live processes on this host
     are not waited for (their worker ends them), nor, on a journal file, trials of other hosts.
     Returns the trial numbers failed."""
-    failed, deadline = [], time.monotonic() + grace_period + poll
+    poll = min(2.0, settings.heartbeat_interval)
+    failed, deadline = [], time.monotonic() + settings.grace_period + poll
     journal = isinstance(study._storage, JournalStorage)
     while True:
         failed += recover(study, client, experiment_id)[0]

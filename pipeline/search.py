@@ -72,9 +72,9 @@ class Objective:
     `rungs`: epochs per rung of a study with successive halving (pipeline.budget.rungs): each
     evaluation trains its rung's epochs, unpruned; [] = plain trials of `epochs`, pruned."""
 
-    def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=(), rungs=()):
+    def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=()):
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
-        self.extra_callbacks, self.rungs = list(callbacks), list(rungs)
+        self.extra_callbacks, self.rungs = list(callbacks), []  # the rungs: set once the study's are fixed
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
         x, y = data.x_train, data.y_train
         self.inputs = [(data.lineage(x, y, rows), context) for split in self.splits
@@ -217,4 +217,4 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
     finally:
         gc.unfreeze()
     tracker = objective.tracker
-    settle(study, tracker.client, tracker.experiment_id, settings.grace_period, min(2.0, settings.heartbeat_interval))
+    settle(study, tracker.client, tracker.experiment_id, settings)

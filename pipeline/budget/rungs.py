@@ -161,8 +161,14 @@ class RungSampler(optuna.samplers.BaseSampler):
     def __init__(self, base: optuna.samplers.BaseSampler, startup: int):
         self.base, self.startup = base, startup
         self._rungs: list[int] | None = None
+        self._views: tuple[int, object] | None = None  # (trial number, its view): one study read a trial
 
-    def _view(self, study):
+    def _view(self, study, trial):
+        if self._views is None or self._views[0] != trial.number:
+            self._views = (trial.number, self._make_view(study))
+        return self._views[1]
+
+    def _make_view(self, study):
         if self._rungs is None:
             self._rungs = study.user_attrs.get(names.RUNGS)
         if not self._rungs:
@@ -177,13 +183,13 @@ class RungSampler(optuna.samplers.BaseSampler):
         self.base.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
-        return self.base.infer_relative_search_space(self._view(study), trial)
+        return self.base.infer_relative_search_space(self._view(study, trial), trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.base.sample_relative(self._view(study), trial, search_space)
+        return self.base.sample_relative(self._view(study, trial), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.base.sample_independent(self._view(study), trial, param_name, param_distribution)
+        return self.base.sample_independent(self._view(study, trial), trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values):
         self.base.after_trial(study, trial, state, values)
