@@ -2,8 +2,8 @@
 
     python -m pipeline recover --study-name NAME --storage URL     # on demand (also in MLproject)
 
-Every worker does the same when it starts a search, and before each trial it closes the
-MLflow runs of trials that failed meanwhile; when it is done, and before a refit, it waits for
+Every worker does the same when it starts a search and before each trial (ahead of Optuna's
+own silent check, so the worker says what it failed); when it is done, and before a refit, it waits for
 other workers' running trials to finish or be found dead (`settle`). How a dead worker is found:
 - RDB storages (sqlite, postgresql, mysql): its trial's heartbeat is older than `grace_period`
   (Optuna's `fail_stale_trials`, which Optuna also runs before every trial);

@@ -109,7 +109,6 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
         mark_owner(trial)
-        self.tracker.close_dead_runs()
         fidelity = self._fidelity(trial)
         epochs = self.epochs(fidelity and fidelity[names.RUNG])
         params = self.space.sample(trial)
@@ -183,8 +182,11 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
     deadline (`timeout`: no trial starts after it; one running at it finishes) and before `until`
     (a time budget's search share: no evaluation starts that could not finish by then, by
     `cost`, the probe, until this machine's own evaluations tell better). With rungs, each
-    finished evaluation enqueues the promotions it makes due."""
-    recover(study, objective.tracker.client, objective.tracker.experiment_id)
+    finished evaluation enqueues the promotions it makes due. Before each evaluation the
+    trials of dead workers are failed, requeued and their runs closed (`recover`, which says
+    so), ahead of Optuna's own silent check in `optimize`."""
+    tracker = objective.tracker
+    recover(study, tracker.client, tracker.experiment_id)
     if counted_trials(study) >= settings.n_trials:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")
         return
@@ -212,9 +214,9 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
                 if reason := _no_time(study, objective, until, cost):
                     bar.bar.write(f"search: {reason}; no more evaluations start")
                     break
+                recover(study, tracker.client, tracker.experiment_id)
                 study.optimize(objective, n_trials=1, callbacks=[bar, *callbacks], gc_after_trial=True,
                                catch=(DuplicatePromotion,))
     finally:
         gc.unfreeze()
-    tracker = objective.tracker
     settle(study, tracker.client, tracker.experiment_id, settings)

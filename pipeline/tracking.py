@@ -346,9 +346,6 @@ class Tracker:
         else:
             self.end(run_id, "FINISHED", "COMPLETE")
 
-    def close_dead_runs(self) -> list[int]:
-        return close_dead_runs(self.client, self.study, self.experiment_id)
-
     def flush(self, run_id: str) -> None:
         """Return once every epoch logged to `run_id` so far is in the store."""
         for logger in self._loggers.pop(run_id, []):
