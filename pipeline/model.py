@@ -205,7 +205,7 @@ def conv_block(x, params: dict, i: int):
     convs, batch_norm, shortcut = p("convs", 1), p("batch_norm", False), x
     for c in range(convs):
         x = conv_bn(x, p("filters"), p("kernel_size"), batch_norm)
-        x = layers.Activation("relu")(x)
+        x = layers.Activation(params.get("activation", "relu"))(x)
         if c < convs - 1 and p("conv_dropout", 0.0) > 0:
             x = layers.Dropout(p("conv_dropout"))(x)
     if p("residual", False):
@@ -234,7 +234,8 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
     max_norm = params.get("dense_max_norm", 0.0)
     for _ in range(params.get("dense_layers", 1)):
         constraint = keras.constraints.MaxNorm(max_norm) if max_norm > 0 else None
-        x = layers.Dense(params["dense_units"], activation="relu", kernel_constraint=constraint)(x)
+        x = layers.Dense(params["dense_units"], activation=params.get("activation", "relu"),
+                         kernel_constraint=constraint)(x)
         if params.get("dense_dropout", 0.0) > 0:
             x = layers.Dropout(params["dense_dropout"])(x)
     # float32 even under the mixed_float16 policy: a float16 softmax loses small probabilities

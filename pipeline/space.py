@@ -10,12 +10,14 @@ File format (see search_spaces/seed.yaml):
     training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
     augment: {flip: true, translate: 2}   # optional: training-time augmentation
     head: global_avg                      # optional: flatten (default) or global_avg
+    activation: gelu                      # optional: relu (default) or gelu
 
 Every setting is a fixed value, a list of choices, or a range `{low, high}` with optional
 `log: true` or `step`. Block settings are sampled per block that exists, as `conv<i>_<key>`;
 dense settings as `dense_<key>`; augment settings as `augment_<key>`; training settings and
-`head` by their own name. Keys in OPTIONAL_DEFAULTS are absent from the params of a space
-that does not name them, so older spaces keep their exact params.
+the top-level settings (TOP_SETTINGS: `head`, `activation`, ...) by their own name. Keys in
+OPTIONAL_DEFAULTS are absent from the params of a space that does not name them, so older
+spaces keep their exact params.
 
     python -m pipeline space --search-space FILE    # validate and show sampled models
 """
@@ -37,18 +39,26 @@ OPTIMIZERS = ("adam", "adamw", "adadelta", "sgd", "nesterov", "rmsprop")
 POOLINGS = ("max", "avg")
 SCHEDULES = ("constant", "cosine", "onecycle")
 HEADS = ("flatten", "global_avg")
+ACTIVATIONS = ("relu", "gelu")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
 _RATE = (lambda v: 0 <= v < 1, "in [0, 1)")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _FLAG = (lambda v: True, "")
+
+
+def _one_of(values: tuple) -> tuple:
+    """(type, check, meaning) of a string setting that takes one of `values`."""
+    return (str, lambda v: v in values, f"one of {values}")
+
+
 BLOCK_KEYS = {
     "filters": (int, *_POSITIVE),
     "kernel_size": (int, *_POSITIVE),
     "pool_size": (int, *_POSITIVE),
     "convs": (int, *_POSITIVE),
-    "pooling": (str, lambda v: v in POOLINGS, f"one of {POOLINGS}"),
+    "pooling": _one_of(POOLINGS),
     "batch_norm": (bool, *_FLAG),
     "dropout": (float, *_RATE),
     "conv_dropout": (float, *_RATE),
@@ -61,10 +71,10 @@ DENSE_KEYS = {
     "max_norm": (float, lambda v: v >= 0, ">= 0 (0 = none)"),
 }
 TRAINING_KEYS = {
-    "optimizer": (str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    "optimizer": _one_of(OPTIMIZERS),
     "learning_rate": (float, lambda v: v > 0, "> 0"),
     "batch_size": (int, *_POSITIVE),
-    "schedule": (str, lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    "schedule": _one_of(SCHEDULES),
     "warmup": (float, *_RATE),
     "label_smoothing": (float, *_RATE),
     "weight_decay": (float, *_NON_NEGATIVE),
@@ -75,7 +85,10 @@ AUGMENT_KEYS = {
     "translate": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
     "cutout": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
 }
-TOP_SETTINGS = {"head": (str, lambda v: v in HEADS, f"one of {HEADS}")}  # top-level keys that are settings
+TOP_SETTINGS = {  # top-level keys that are settings
+    "head": _one_of(HEADS),
+    "activation": _one_of(ACTIVATIONS),
+}
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
     "dense": {"units": 128, "layers": 1, "dropout": 0.0},
@@ -94,7 +107,7 @@ OPTIONAL_DEFAULTS = {
                  "weight_decay": lambda p: 0.004 if p.get("optimizer") == "adamw" else 0.0,
                  "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
     "augment": {"flip": False, "translate": 0, "cutout": 0},
-    "top": {"head": "flatten"},
+    "top": {"head": "flatten", "activation": "relu"},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}

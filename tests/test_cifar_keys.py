@@ -1,0 +1,134 @@
+"""Issue 20, item 1: the fast-CIFAR-10 techniques (airbench, Page's ResNet-9) as space keys.
+Each key validates with a one-line error naming file and key, is absent from the params of
+spaces that do not name it (today's models unchanged), builds, fits one epoch of tiny real
+data, shows in the dry run, and survives a keras.saving round trip; and does what it says."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import optuna
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.dry_run import dry_run
+from pipeline.errors import PipelineError
+from pipeline.model import build_model
+from pipeline.space import load_space
+
+SHAPE, CLASSES = (16, 16, 3), 4
+# two batch-normed blocks (two convs, then one) and one hidden dense layer, for tiny 16x16 colour images
+BASE = {"depth": 2,
+        "conv1_filters": 8, "conv1_kernel_size": 3, "conv1_pool_size": 2, "conv1_convs": 2, "conv1_batch_norm": True,
+        "conv1_pooling": "max", "conv1_dropout": 0.0,
+        "conv2_filters": 16, "conv2_kernel_size": 3, "conv2_pool_size": 2, "conv2_convs": 1, "conv2_batch_norm": True,
+        "conv2_pooling": "max", "conv2_dropout": 0.0,
+        "dense_layers": 1, "dense_units": 16, "dense_dropout": 0.0,
+        "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
+# every key of this file switched on
+NEW = {"activation": "gelu"}
+FIXED_SPACE = """
+depth: 2
+first_block: {filters: 8, kernel_size: 3, pool_size: 2, batch_norm: true, convs: 2}
+later_blocks: {filters: 16, kernel_size: 3, pool_size: 2, batch_norm: true}
+"""
+SPACE = FIXED_SPACE + """
+dense: {units: 16}
+training: {optimizer: nesterov, learning_rate: 0.05, batch_size: 32}
+activation: [relu, gelu]
+"""
+GOOD = """
+depth: 1
+first_block: {filters: 8, kernel_size: 3, pool_size: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """64 random uint8 16x16 colour images, 4 classes."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (64, *SHAPE), dtype=np.uint8), np.arange(64) % CLASSES
+
+
+def fitted(params: dict, tiny) -> keras.Model:
+    """The model of `params` after one epoch on the tiny images."""
+    keras.utils.set_random_seed(0)
+    model = build_model(params, SHAPE, CLASSES)
+    history = model.fit(*tiny, epochs=1, batch_size=32, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    return model
+
+
+def space_file(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (GOOD + "activation: tanh\n", "key 'activation': 'tanh' must be one of ('relu', 'gelu')"),
+    (GOOD + "activation: [relu, 3]\n", "key 'activation': expected str, got 3"),
+])
+def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
+    path = space_file(tmp_path, text)
+    with pytest.raises(PipelineError) as error:
+        load_space(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message, message
+
+
+def test_spaces_that_do_not_name_the_keys_have_none_of_their_params():
+    for name in ("seed", "wide", "modern", "cifar10", "gpu"):
+        space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(5):
+            trial = study.ask()
+            assert not set(NEW) & set(space.sample(trial)), name
+            study.tell(trial, 0.0)
+        assert not set(NEW) & set(space.complete({"depth": 1})), name
+
+
+def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(tmp_path):
+    space = load_space(space_file(tmp_path, SPACE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(8):
+        trial = study.ask()
+        params = space.sample(trial)
+        assert space.violations(params) == [] and set(NEW) <= set(params)
+        seen.add(params["activation"])
+        study.tell(trial, 0.0)
+    assert seen == {"relu", "gelu"}
+    assert space.complete({k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
+                          )["activation"] == "relu"
+
+
+def test_defaults_build_todays_model():
+    today = build_model(BASE, SHAPE, CLASSES)
+    explicit = build_model({**BASE, "activation": "relu"}, SHAPE, CLASSES)
+    assert [layer.get_config() | {"name": ""} for layer in today.layers] == [
+        layer.get_config() | {"name": ""} for layer in explicit.layers]
+
+
+def test_gelu_is_the_activation_of_every_conv_and_hidden_dense_layer(tiny):
+    model = fitted({**BASE, "activation": "gelu"}, tiny)
+    acts = [layer.get_config()["activation"] for layer in model.layers
+            if isinstance(layer, (keras.layers.Activation, keras.layers.Dense)) and layer.name != "probabilities"]
+    assert acts == ["gelu"] * 4, acts  # after each of the three convs, and the hidden dense layer
+
+
+def test_the_dry_run_shows_every_key(tmp_path, settings, digits, capsys):
+    space = load_space(space_file(tmp_path, FIXED_SPACE + yaml.safe_dump(NEW)))
+    dry_run(space, digits, settings.replace(samples=1))
+    out = capsys.readouterr().out
+    for key, value in NEW.items():
+        assert f" {key}={value}" in out, key
+
+
+def test_a_model_with_every_key_saved_and_loaded_predicts_the_same(tiny, tmp_path):
+    model = fitted({**BASE, **NEW}, tiny)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
