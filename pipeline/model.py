@@ -219,6 +219,13 @@ def conv_block(x, params: dict, i: int):
     return x
 
 
+# `head`: what turns the last block's feature maps into a vector for the dense layers
+HEADS = {"flatten": layers.Flatten, "global_avg": layers.GlobalAveragePooling2D, "global_max": layers.GlobalMaxPooling2D}
+# `head_scale` of the `global_max` head: the factor on its bias-free output layer's logits
+# (airbench's 1/9: max-pooled features are large, and this keeps the first logits small)
+HEAD_SCALE = 1 / 9
+
+
 def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: int | None = None) -> keras.Model:
     """Build and compile the CNN that `params` describes.
 
@@ -230,7 +237,8 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
     x = augmentation(x, params, input_shape)
     for i in range(1, params["depth"] + 1):
         x = conv_block(x, params, i)
-    x = layers.GlobalAveragePooling2D()(x) if params.get("head", "flatten") == "global_avg" else layers.Flatten()(x)
+    head = params.get("head", "flatten")
+    x = HEADS[head]()(x)
     max_norm = params.get("dense_max_norm", 0.0)
     for _ in range(params.get("dense_layers", 1)):
         constraint = keras.constraints.MaxNorm(max_norm) if max_norm > 0 else None
@@ -239,7 +247,12 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
         if params.get("dense_dropout", 0.0) > 0:
             x = layers.Dropout(params["dense_dropout"])(x)
     # float32 even under the mixed_float16 policy: a float16 softmax loses small probabilities
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
+    if head == "global_max":  # airbench's output layer: bias-free, its logits scaled by a constant
+        x = layers.Dense(n_classes, use_bias=False, name="logits", dtype="float32")(x)
+        x = layers.Rescaling(params.get("head_scale", HEAD_SCALE), name="logit_scale", dtype="float32")(x)
+        outputs = layers.Activation("softmax", name="probabilities", dtype="float32")(x)
+    else:
+        outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
     smoothing = params.get("label_smoothing", 0.0)
     model.compile(

@@ -9,7 +9,7 @@ File format (see search_spaces/seed.yaml):
     dense: {units: {low: 50, high: 999}}
     training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
     augment: {flip: true, translate: 2}   # optional: training-time augmentation
-    head: global_avg                      # optional: flatten (default) or global_avg
+    head: global_avg                      # optional: flatten (default), global_avg or global_max
     activation: gelu                      # optional: relu (default) or gelu
 
 Every setting is a fixed value, a list of choices, or a range `{low, high}` with optional
@@ -38,7 +38,7 @@ from pipeline.errors import PipelineError
 OPTIMIZERS = ("adam", "adamw", "adadelta", "sgd", "nesterov", "rmsprop")
 POOLINGS = ("max", "avg")
 SCHEDULES = ("constant", "cosine", "onecycle")
-HEADS = ("flatten", "global_avg")
+HEADS = ("flatten", "global_avg", "global_max")
 ACTIVATIONS = ("relu", "gelu")
 
 # key -> (type, check on each value, what the check means)
@@ -88,6 +88,7 @@ AUGMENT_KEYS = {
 TOP_SETTINGS = {  # top-level keys that are settings
     "head": _one_of(HEADS),
     "activation": _one_of(ACTIVATIONS),
+    "head_scale": (float, lambda v: v > 0, "> 0"),
 }
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
@@ -107,7 +108,7 @@ OPTIONAL_DEFAULTS = {
                  "weight_decay": lambda p: 0.004 if p.get("optimizer") == "adamw" else 0.0,
                  "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
     "augment": {"flip": False, "translate": 0, "cutout": 0},
-    "top": {"head": "flatten", "activation": "relu"},
+    "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}

@@ -27,7 +27,8 @@ BASE = {"depth": 2,
         "dense_layers": 1, "dense_units": 16, "dense_dropout": 0.0,
         "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
 # every key of this file switched on
-NEW = {"activation": "gelu"}
+NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125}
+NEW_PARAMS = set(NEW) - {"head"}  # params no space had before (`head` had flatten and global_avg)
 FIXED_SPACE = """
 depth: 2
 first_block: {filters: 8, kernel_size: 3, pool_size: 2, batch_norm: true, convs: 2}
@@ -37,6 +38,8 @@ SPACE = FIXED_SPACE + """
 dense: {units: 16}
 training: {optimizer: nesterov, learning_rate: 0.05, batch_size: 32}
 activation: [relu, gelu]
+head: [flatten, global_max]
+head_scale: {low: 0.05, high: 0.2}
 """
 GOOD = """
 depth: 1
@@ -69,6 +72,9 @@ def space_file(tmp_path, text: str):
 @pytest.mark.parametrize("text, fragment", [
     (GOOD + "activation: tanh\n", "key 'activation': 'tanh' must be one of ('relu', 'gelu')"),
     (GOOD + "activation: [relu, 3]\n", "key 'activation': expected str, got 3"),
+    (GOOD + "head: global_min\n", "key 'head': 'global_min' must be one of ('flatten', 'global_avg', 'global_max')"),
+    (GOOD + "head_scale: 0\n", "key 'head_scale': 0 must be > 0"),
+    (GOOD + "head_scale: ninth\n", "key 'head_scale': expected float, got 'ninth'"),
 ])
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
     path = space_file(tmp_path, text)
@@ -84,9 +90,10 @@ def test_spaces_that_do_not_name_the_keys_have_none_of_their_params():
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         for _ in range(5):
             trial = study.ask()
-            assert not set(NEW) & set(space.sample(trial)), name
+            params = space.sample(trial)
+            assert not NEW_PARAMS & set(params) and params.get("head") != "global_max", name
             study.tell(trial, 0.0)
-        assert not set(NEW) & set(space.complete({"depth": 1})), name
+        assert not NEW_PARAMS & set(space.complete({"depth": 1})), name
 
 
 def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(tmp_path):
@@ -97,11 +104,12 @@ def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(
         trial = study.ask()
         params = space.sample(trial)
         assert space.violations(params) == [] and set(NEW) <= set(params)
-        seen.add(params["activation"])
+        seen.update((params["activation"], params["head"]))
         study.tell(trial, 0.0)
-    assert seen == {"relu", "gelu"}
-    assert space.complete({k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
-                          )["activation"] == "relu"
+    assert seen == {"relu", "gelu", "flatten", "global_max"}
+    short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
+    assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
+    assert space.complete(short)["head_scale"] == 1 / 9
 
 
 def test_defaults_build_todays_model():
@@ -132,3 +140,16 @@ def test_a_model_with_every_key_saved_and_loaded_predicts_the_same(tiny, tmp_pat
     model.save(path)
     loaded = keras.saving.load_model(path)
     np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
+
+
+def test_the_global_max_head_is_a_scaled_bias_free_layer_on_max_pooled_features(tiny):
+    model = fitted({**BASE, "dense_layers": 0, "head": "global_max", "head_scale": 0.125}, tiny)
+    pooled = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalMaxPooling2D))
+    logits = model.get_layer("logits")
+    assert not logits.use_bias and [w.shape for w in logits.weights] == [(16, CLASSES)]
+    features = keras.Model(model.inputs, pooled.output).predict(tiny[0], verbose=0)
+    assert features.shape == (64, 16)
+    expected = keras.ops.convert_to_numpy(keras.activations.softmax(0.125 * features @ logits.get_weights()[0]))
+    np.testing.assert_allclose(model.predict(tiny[0], verbose=0), expected, rtol=1e-4, atol=1e-6)
+    default = build_model({**BASE, "head": "global_max"}, SHAPE, CLASSES)
+    assert default.get_layer("logit_scale").scale == pytest.approx(1 / 9)
