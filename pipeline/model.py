@@ -191,29 +191,78 @@ def augmentation(x, params: dict, input_shape: tuple):
 BN_MOMENTUM = 0.9
 
 
-def conv_bn(x, filters: int, kernel_size: int, batch_norm: bool):
+@SERIALIZABLE
+class BoostedBatchNorm(layers.BatchNormalization):
+    """Batch norm whose offset learns `bias_lr` times faster under SGD, the optimizer untouched
+    (Page's and airbench's boosted rate on BN biases). The offset is c x a raw trainable
+    weight (`raw_beta`, from 0) with c = sqrt(bias_lr), and replaces Keras' own (`center` is
+    off): the raw weight's gradient is c times the offset's, so an SGD step (with or without
+    momentum) on it moves the offset by c^2 = bias_lr times the step on a plain offset.
+    Adam's step does not scale with the gradient, so under Adam (and AdamW, RMSprop) the
+    offset moves sqrt(bias_lr) times faster; decoupled weight decay shrinks the offset at the
+    optimizer's own rate either way. Saved and loaded like BatchNormalization."""
+
+    def __init__(self, bias_lr: float = 1.0, **kwargs):
+        super().__init__(**{**kwargs, "center": False})
+        self.bias_lr = float(bias_lr)
+
+    def build(self, input_shape):
+        self.raw_beta = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="raw_beta")
+        super().build(input_shape)
+
+    def call(self, inputs, training=None, mask=None):
+        outputs = super().call(inputs, training=training, mask=mask)
+        return outputs + ops.cast(math.sqrt(self.bias_lr) * self.raw_beta, outputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "bias_lr": self.bias_lr}
+
+
+def norm(x, params: dict):
+    """Batch norm of `x`: `bn_momentum` (Keras' convention: the weight on the old moving
+    statistics), `bn_scale` false freezes the scale at 1 (no gamma), `bn_bias_lr` other
+    than 1 boosts the offset's learning rate (BoostedBatchNorm)."""
+    options = {"momentum": params.get("bn_momentum", BN_MOMENTUM), "scale": params.get("bn_scale", True)}
+    bias_lr = params.get("bn_bias_lr", 1.0)
+    return (BoostedBatchNorm(bias_lr, **options) if bias_lr != 1 else layers.BatchNormalization(**options))(x)
+
+
+def conv(x, params: dict, filters: int, kernel_size: int, bias: bool):
+    """A "same" conv of `x`."""
+    return layers.Conv2D(filters, kernel_size, padding="same", use_bias=bias)(x)
+
+
+def conv_bn(x, params: dict, filters: int, kernel_size: int, batch_norm: bool):
     """A "same" conv, batch-normed (without a bias, which BN's offset replaces) or not."""
-    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm)(x)
-    return layers.BatchNormalization(momentum=BN_MOMENTUM)(x) if batch_norm else x
+    x = conv(x, params, filters, kernel_size, not batch_norm)
+    return norm(x, params) if batch_norm else x
 
 
 def conv_block(x, params: dict, i: int):
     """Block i: `convs` convs (optionally batch-normed, with `conv_dropout` between them),
     with `residual` the block's input added to their output (through a 1x1 conv where the
-    width changes), a pool, then dropout."""
+    width changes), a pool, then dropout. With `block_order` conv_pool_bn_act (airbench) the
+    pool follows the first conv instead (conv, pool, BN, activation, then conv, BN,
+    activation for each further conv), and `residual` adds the first conv's output (after
+    its activation) to the further convs' output (Page's ResNet-9; none with one conv)."""
     p = lambda key, default=None: params.get(f"conv{i}_{key}", default)  # noqa: E731
     convs, batch_norm, shortcut = p("convs", 1), p("batch_norm", False), x
+    pool_class = layers.MaxPooling2D if p("pooling", "max") == "max" else layers.AveragePooling2D
+    pool = lambda t: pool_class(p("pool_size"), padding="same")(t)  # noqa: E731
+    pool_first = params.get("block_order", "conv_bn_act") == "conv_pool_bn_act"
     for c in range(convs):
-        x = conv_bn(x, p("filters"), p("kernel_size"), batch_norm)
+        x = conv(x, params, p("filters"), p("kernel_size"), not batch_norm)
+        x = pool(x) if pool_first and c == 0 else x
+        x = norm(x, params) if batch_norm else x
         x = layers.Activation(params.get("activation", "relu"))(x)
+        shortcut = x if pool_first and c == 0 else shortcut
         if c < convs - 1 and p("conv_dropout", 0.0) > 0:
             x = layers.Dropout(p("conv_dropout"))(x)
-    if p("residual", False):
+    if p("residual", False) and not (pool_first and convs == 1):
         if shortcut.shape[-1] != p("filters"):
-            shortcut = conv_bn(shortcut, p("filters"), 1, batch_norm)
+            shortcut = conv_bn(shortcut, params, p("filters"), 1, batch_norm)
         x = layers.Add()([x, shortcut])
-    pool = layers.MaxPooling2D if p("pooling", "max") == "max" else layers.AveragePooling2D
-    x = pool(p("pool_size"), padding="same")(x)
+    x = x if pool_first else pool(x)
     if p("dropout", 0.0) > 0:
         x = layers.Dropout(p("dropout"))(x)
     return x

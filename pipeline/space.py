@@ -40,11 +40,13 @@ POOLINGS = ("max", "avg")
 SCHEDULES = ("constant", "cosine", "onecycle")
 HEADS = ("flatten", "global_avg", "global_max")
 ACTIVATIONS = ("relu", "gelu")
+BLOCK_ORDERS = ("conv_bn_act", "conv_pool_bn_act")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
 _RATE = (lambda v: 0 <= v < 1, "in [0, 1)")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_ABOVE_ZERO = (lambda v: v > 0, "> 0")
 _FLAG = (lambda v: True, "")
 
 
@@ -72,7 +74,7 @@ DENSE_KEYS = {
 }
 TRAINING_KEYS = {
     "optimizer": _one_of(OPTIMIZERS),
-    "learning_rate": (float, lambda v: v > 0, "> 0"),
+    "learning_rate": (float, *_ABOVE_ZERO),
     "batch_size": (int, *_POSITIVE),
     "schedule": _one_of(SCHEDULES),
     "warmup": (float, *_RATE),
@@ -88,7 +90,11 @@ AUGMENT_KEYS = {
 TOP_SETTINGS = {  # top-level keys that are settings
     "head": _one_of(HEADS),
     "activation": _one_of(ACTIVATIONS),
-    "head_scale": (float, lambda v: v > 0, "> 0"),
+    "head_scale": (float, *_ABOVE_ZERO),
+    "bn_scale": (bool, *_FLAG),
+    "bn_momentum": (float, *_RATE),
+    "bn_bias_lr": (float, *_ABOVE_ZERO),
+    "block_order": _one_of(BLOCK_ORDERS),
 }
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
@@ -108,7 +114,8 @@ OPTIONAL_DEFAULTS = {
                  "weight_decay": lambda p: 0.004 if p.get("optimizer") == "adamw" else 0.0,
                  "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
     "augment": {"flip": False, "translate": 0, "cutout": 0},
-    "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9},
+    "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9, "bn_scale": True, "bn_momentum": 0.9,
+            "bn_bias_lr": 1.0, "block_order": "conv_bn_act"},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}

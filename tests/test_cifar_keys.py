@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
-from pipeline.model import build_model
+from pipeline.model import BoostedBatchNorm, build_model
 from pipeline.space import load_space
 
 SHAPE, CLASSES = (16, 16, 3), 4
@@ -27,7 +27,8 @@ BASE = {"depth": 2,
         "dense_layers": 1, "dense_units": 16, "dense_dropout": 0.0,
         "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
 # every key of this file switched on
-NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125}
+NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
+       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act"}
 NEW_PARAMS = set(NEW) - {"head"}  # params no space had before (`head` had flatten and global_avg)
 FIXED_SPACE = """
 depth: 2
@@ -40,6 +41,10 @@ training: {optimizer: nesterov, learning_rate: 0.05, batch_size: 32}
 activation: [relu, gelu]
 head: [flatten, global_max]
 head_scale: {low: 0.05, high: 0.2}
+bn_scale: [true, false]
+bn_momentum: {low: 0.4, high: 0.9}
+bn_bias_lr: [1.0, 64.0]
+block_order: [conv_bn_act, conv_pool_bn_act]
 """
 GOOD = """
 depth: 1
@@ -75,6 +80,11 @@ def space_file(tmp_path, text: str):
     (GOOD + "head: global_min\n", "key 'head': 'global_min' must be one of ('flatten', 'global_avg', 'global_max')"),
     (GOOD + "head_scale: 0\n", "key 'head_scale': 0 must be > 0"),
     (GOOD + "head_scale: ninth\n", "key 'head_scale': expected float, got 'ninth'"),
+    (GOOD + "bn_scale: 1\n", "key 'bn_scale': expected bool, got 1"),
+    (GOOD + "bn_momentum: 1.0\n", "key 'bn_momentum': 1.0 must be in [0, 1)"),
+    (GOOD + "bn_bias_lr: [1, -64]\n", "key 'bn_bias_lr': -64 must be > 0"),
+    (GOOD + "block_order: conv_act_bn\n", "key 'block_order': 'conv_act_bn' must be one of ('conv_bn_act', "
+                                            "'conv_pool_bn_act')"),
 ])
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
     path = space_file(tmp_path, text)
@@ -104,12 +114,14 @@ def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(
         trial = study.ask()
         params = space.sample(trial)
         assert space.violations(params) == [] and set(NEW) <= set(params)
-        seen.update((params["activation"], params["head"]))
+        seen.update((params["activation"], params["head"], params["block_order"]))
         study.tell(trial, 0.0)
-    assert seen == {"relu", "gelu", "flatten", "global_max"}
+    assert seen == {"relu", "gelu", "flatten", "global_max", "conv_bn_act", "conv_pool_bn_act"}
     short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
     assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
-    assert space.complete(short)["head_scale"] == 1 / 9
+    full = space.complete(short)
+    assert (full["head_scale"], full["bn_scale"], full["bn_momentum"], full["bn_bias_lr"], full["block_order"]) == (
+        1 / 9, True, 0.9, 1.0, "conv_bn_act")
 
 
 def test_defaults_build_todays_model():
@@ -153,3 +165,55 @@ def test_the_global_max_head_is_a_scaled_bias_free_layer_on_max_pooled_features(
     np.testing.assert_allclose(model.predict(tiny[0], verbose=0), expected, rtol=1e-4, atol=1e-6)
     default = build_model({**BASE, "head": "global_max"}, SHAPE, CLASSES)
     assert default.get_layer("logit_scale").scale == pytest.approx(1 / 9)
+
+
+def batch_norms(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_bn_scale_false_has_no_gamma_and_bn_momentum_sets_every_bn(tiny):
+    model = fitted({**BASE, "bn_scale": False, "bn_momentum": 0.6, "conv1_residual": True}, tiny)
+    norms = batch_norms(model)
+    assert len(norms) == 4  # three convs and the residual's 1x1 projection
+    for layer in norms:
+        assert layer.gamma is None and layer.momentum == 0.6
+        assert sorted(w.path.split("/")[-1] for w in layer.weights) == ["beta", "moving_mean", "moving_variance"]
+    assert all(layer.gamma is not None and layer.momentum == 0.9 for layer in batch_norms(build_model(BASE, SHAPE, 4)))
+
+
+def offsets(model) -> np.ndarray:
+    """The first batch norm's effective offset."""
+    layer = batch_norms(model)[0]
+    if isinstance(layer, BoostedBatchNorm):
+        return np.sqrt(layer.bias_lr) * keras.ops.convert_to_numpy(layer.raw_beta)
+    return keras.ops.convert_to_numpy(layer.beta)
+
+
+@pytest.mark.parametrize("optimizer, factor", [("sgd", 16.0), ("adam", 4.0)])
+def test_bn_bias_lr_multiplies_the_offsets_step(tiny, optimizer, factor):
+    """One step from the same weights: under SGD the offset moves bias_lr (16) times as far
+    as without the boost; under Adam, whose first step is lr x sign(gradient), sqrt(16) = 4 times."""
+    x, y = tiny
+    steps, kernels = [], []
+    for bias_lr in (1.0, 16.0):
+        keras.utils.set_random_seed(0)
+        model = build_model({**BASE, "optimizer": optimizer, "learning_rate": 0.01, "bn_bias_lr": bias_lr}, SHAPE, 4)
+        kernels.append([keras.ops.convert_to_numpy(layer.kernel) for layer in model.layers if hasattr(layer, "kernel")])
+        model.train_on_batch(x[:32], y[:32])
+        steps.append(offsets(model))
+    assert isinstance(batch_norms(model)[0], BoostedBatchNorm)
+    np.testing.assert_allclose(steps[1], factor * steps[0], rtol=1e-3, atol=1e-7)
+    assert np.abs(steps[0]).max() > 1e-4
+    assert all(np.array_equal(a, b) for a, b in zip(*kernels))  # both started from the same weights
+
+
+def test_block_order_conv_pool_bn_act_pools_after_each_blocks_first_conv(tiny):
+    model = fitted({**BASE, "block_order": "conv_pool_bn_act", "conv1_residual": True}, tiny)
+    kinds = [type(layer).__name__ for layer in model.layers][2:-3]  # between Rescaling and the head
+    assert kinds == ["Conv2D", "MaxPooling2D", "BatchNormalization", "Activation",
+                     "Conv2D", "BatchNormalization", "Activation", "Add",  # the first stage's output added
+                     "Conv2D", "MaxPooling2D", "BatchNormalization", "Activation"], kinds
+    assert model.layers[-4].output.shape == (None, 4, 4, 16)  # each block halved the side once, as today
+    today = [type(layer).__name__ for layer in build_model(BASE, SHAPE, 4).layers][2:-3]
+    assert today == ["Conv2D", "BatchNormalization", "Activation", "Conv2D", "BatchNormalization", "Activation",
+                     "MaxPooling2D", "Conv2D", "BatchNormalization", "Activation", "MaxPooling2D"], today
