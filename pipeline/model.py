@@ -227,9 +227,36 @@ def norm(x, params: dict):
     return (BoostedBatchNorm(bias_lr, **options) if bias_lr != 1 else layers.BatchNormalization(**options))(x)
 
 
+@SERIALIZABLE
+class Dirac(keras.initializers.Initializer):
+    """A conv kernel (height, width, inputs, filters) whose first min(inputs, filters) filters
+    are the identity (PyTorch's `dirac_`, airbench): filter i is 1 on input channel i at the
+    tap that a "same" conv centres on each pixel ((size - 1) // 2 each way), 0 elsewhere, so
+    that it passes channel i through unchanged. The remaining filters are Glorot-uniform,
+    Keras' default, with the whole kernel's fans."""
+
+    def __init__(self, seed=None):
+        self.seed = seed
+        self.glorot = keras.initializers.GlorotUniform(seed)
+
+    def __call__(self, shape, dtype=None):
+        dtype = dtype or keras.backend.floatx()
+        height, width, inputs, filters = shape
+        n = min(inputs, filters)
+        identity, rest = np.zeros(shape), np.ones(shape)
+        identity[(height - 1) // 2, (width - 1) // 2, range(n), range(n)] = 1
+        rest[..., :n] = 0
+        return self.glorot(shape, dtype) * ops.convert_to_tensor(rest, dtype) + ops.convert_to_tensor(identity, dtype)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
 def conv(x, params: dict, filters: int, kernel_size: int, bias: bool):
-    """A "same" conv of `x`."""
-    return layers.Conv2D(filters, kernel_size, padding="same", use_bias=bias)(x)
+    """A "same" conv of `x`, its kernel initialised as `conv_init` says: `default` (Keras'
+    Glorot-uniform) or `dirac` (the identity on the first filters, `Dirac`)."""
+    init = Dirac() if params.get("conv_init", "default") == "dirac" else "glorot_uniform"
+    return layers.Conv2D(filters, kernel_size, padding="same", use_bias=bias, kernel_initializer=init)(x)
 
 
 def conv_bn(x, params: dict, filters: int, kernel_size: int, batch_norm: bool):

@@ -41,6 +41,7 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 HEADS = ("flatten", "global_avg", "global_max")
 ACTIVATIONS = ("relu", "gelu")
 BLOCK_ORDERS = ("conv_bn_act", "conv_pool_bn_act")
+CONV_INITS = ("default", "dirac")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
@@ -95,6 +96,7 @@ TOP_SETTINGS = {  # top-level keys that are settings
     "bn_momentum": (float, *_RATE),
     "bn_bias_lr": (float, *_ABOVE_ZERO),
     "block_order": _one_of(BLOCK_ORDERS),
+    "conv_init": _one_of(CONV_INITS),
 }
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
@@ -115,7 +117,7 @@ OPTIONAL_DEFAULTS = {
                  "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
     "augment": {"flip": False, "translate": 0, "cutout": 0},
     "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9, "bn_scale": True, "bn_momentum": 0.9,
-            "bn_bias_lr": 1.0, "block_order": "conv_bn_act"},
+            "bn_bias_lr": 1.0, "block_order": "conv_bn_act", "conv_init": "default"},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}

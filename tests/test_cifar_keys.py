@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
-from pipeline.model import BoostedBatchNorm, build_model
+from pipeline.model import BoostedBatchNorm, Dirac, build_model
 from pipeline.space import load_space
 
 SHAPE, CLASSES = (16, 16, 3), 4
@@ -28,7 +28,7 @@ BASE = {"depth": 2,
         "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
 # every key of this file switched on
 NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
-       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act"}
+       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac"}
 NEW_PARAMS = set(NEW) - {"head"}  # params no space had before (`head` had flatten and global_avg)
 FIXED_SPACE = """
 depth: 2
@@ -45,6 +45,7 @@ bn_scale: [true, false]
 bn_momentum: {low: 0.4, high: 0.9}
 bn_bias_lr: [1.0, 64.0]
 block_order: [conv_bn_act, conv_pool_bn_act]
+conv_init: [default, dirac]
 """
 GOOD = """
 depth: 1
@@ -85,6 +86,7 @@ def space_file(tmp_path, text: str):
     (GOOD + "bn_bias_lr: [1, -64]\n", "key 'bn_bias_lr': -64 must be > 0"),
     (GOOD + "block_order: conv_act_bn\n", "key 'block_order': 'conv_act_bn' must be one of ('conv_bn_act', "
                                             "'conv_pool_bn_act')"),
+    (GOOD + "conv_init: he\n", "key 'conv_init': 'he' must be one of ('default', 'dirac')"),
 ])
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
     path = space_file(tmp_path, text)
@@ -114,14 +116,14 @@ def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(
         trial = study.ask()
         params = space.sample(trial)
         assert space.violations(params) == [] and set(NEW) <= set(params)
-        seen.update((params["activation"], params["head"], params["block_order"]))
+        seen.update((params["activation"], params["head"], params["block_order"], params["conv_init"]))
         study.tell(trial, 0.0)
-    assert seen == {"relu", "gelu", "flatten", "global_max", "conv_bn_act", "conv_pool_bn_act"}
+    assert seen == {"relu", "gelu", "flatten", "global_max", "conv_bn_act", "conv_pool_bn_act", "default", "dirac"}
     short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
     assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
     full = space.complete(short)
-    assert (full["head_scale"], full["bn_scale"], full["bn_momentum"], full["bn_bias_lr"], full["block_order"]) == (
-        1 / 9, True, 0.9, 1.0, "conv_bn_act")
+    assert [full[k] for k in ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init")] == [
+        1 / 9, True, 0.9, 1.0, "conv_bn_act", "default"]
 
 
 def test_defaults_build_todays_model():
@@ -217,3 +219,28 @@ def test_block_order_conv_pool_bn_act_pools_after_each_blocks_first_conv(tiny):
     today = [type(layer).__name__ for layer in build_model(BASE, SHAPE, 4).layers][2:-3]
     assert today == ["Conv2D", "BatchNormalization", "Activation", "Conv2D", "BatchNormalization", "Activation",
                      "MaxPooling2D", "Conv2D", "BatchNormalization", "Activation", "MaxPooling2D"], today
+
+
+@pytest.mark.parametrize("size, inputs, filters", [(3, 4, 6), (3, 6, 4), (2, 3, 5), (1, 8, 16)])
+def test_a_dirac_conv_passes_its_first_channels_through_and_the_rest_is_glorot(size, inputs, filters):
+    kernel = keras.ops.convert_to_numpy(Dirac(seed=1)((size, size, inputs, filters)))
+    n, centre = min(inputs, filters), (size - 1) // 2
+    expected = np.zeros((size, size, inputs, n))
+    expected[centre, centre, range(n), range(n)] = 1
+    np.testing.assert_array_equal(kernel[..., :n], expected)
+    limit = np.sqrt(6 / (size * size * (inputs + filters)))  # Glorot-uniform's bound on the rest
+    if filters > inputs:
+        assert 0 < np.abs(kernel[..., n:]).max() <= limit
+    conv = keras.layers.Conv2D(filters, size, padding="same", use_bias=False, kernel_initializer=Dirac())
+    x = np.random.default_rng(0).normal(size=(2, 7, 7, inputs)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(conv(x))[..., :n], x[..., :n], atol=1e-6)
+
+
+def test_conv_init_dirac_initialises_every_block_conv(tiny):
+    model = build_model({**BASE, "conv_init": "dirac", "conv1_residual": True}, SHAPE, CLASSES)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 4 and all(isinstance(c.kernel_initializer, Dirac) for c in convs)
+    first = keras.ops.convert_to_numpy(convs[0].kernel)  # 3 input channels, 8 filters
+    assert first[1, 1, range(3), range(3)].tolist() == [1, 1, 1] and first[..., :3].sum() == 3
+    assert not any(isinstance(c.kernel_initializer, Dirac) for c in build_model(BASE, SHAPE, CLASSES).layers
+                   if isinstance(c, keras.layers.Conv2D))
