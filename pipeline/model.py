@@ -7,12 +7,15 @@ inside the model that act only in training (Keras' RandomFlip, `Translate` and `
 are the identity when `training=False`), so the saved model predicts exactly as one without them.
 A learning-rate schedule (`schedule`) spans `total_steps` optimizer steps, which only the
 caller knows (pipeline.train: epochs x steps per epoch). New code here uses `keras.ops`
-only, no TensorFlow calls, so it runs on any Keras backend; the custom layer, schedule
-and loss are registered, so `keras.saving.load_model` reads a saved model after
-`import pipeline.model`. Convs and pools use "same" padding, so every
+only, no TensorFlow calls, so it runs on any Keras backend; the custom layers,
+initializer, schedule and loss are registered, so `keras.saving.load_model` reads a saved model after
+`import pipeline.model`. `build_model` sees no data: a whitening stem (`whiten`) is built
+with placeholder filters, which `set_whitening` then fits to a fit's training images
+(pipeline.train calls it before fitting). Convs and pools use "same" padding, so every
 configuration builds for any input size (8x8 digits included): a pool never shrinks a
-side below 1. Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute
-in float16, the output layer stays float32, and `compile` adds loss scaling itself.
+side below 1 (only the whitening stem's k x k conv is "valid", k - 1 pixels narrower).
+Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute in float16,
+the output layer stays float32, and `compile` adds loss scaling itself.
 """
 
 from __future__ import annotations
@@ -85,6 +88,75 @@ class Translate(Augmentation):
         cols = ops.arange(shape[2])[None, :] + offsets[:, 1:]
         out = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
         return ops.take_along_axis(out, cols[:, None, :, None], axis=2)
+
+
+@SERIALIZABLE
+class Whitening(layers.Layer):
+    """The whitening stem (airbench, Page): a frozen `kernel_size` x `kernel_size` "valid"
+    conv with 2 k^2 C filters (C input channels) and a trainable bias. Its filters are a
+    non-trainable weight, saved with the model; they are zeros, a placeholder, until
+    `set_whitening` fits them to the training images (pipeline.train does, before a fit)."""
+
+    def __init__(self, kernel_size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = int(kernel_size)
+
+    def build(self, input_shape):
+        k, channels = self.kernel_size, input_shape[-1]
+        filters = 2 * k * k * channels
+        self.kernel = self.add_weight(shape=(k, k, channels, filters), initializer="zeros", trainable=False,
+                                      name="kernel")
+        self.bias = self.add_weight(shape=(filters,), initializer="zeros", name="bias")
+
+    def call(self, images):
+        return ops.conv(images, ops.cast(self.kernel, images.dtype), padding="valid") + ops.cast(self.bias, images.dtype)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        side = lambda n: None if n is None else n - self.kernel_size + 1  # noqa: E731
+        return (batch, side(height), side(width), 2 * self.kernel_size ** 2 * channels)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size}
+
+
+# The whitening's epsilon, relative to the mean variance of a patch's pixels: airbench's 5e-4
+# on images normalised to unit variance per channel, here on pixels scaled to [0, 1].
+WHITEN_EPS = 5e-4
+
+
+def whitening_filters(x_train: np.ndarray, k: int, eps: float = WHITEN_EPS, chunk: int = 1024):
+    """(kernel (k, k, C, 2 k^2 C), bias (2 k^2 C,)) of a `Whitening` stem for the uint8 images
+    `x_train` (n, height, width, C), scaled to [0, 1] as the model scales them: the
+    eigenvectors of the covariance of their k x k patches (largest eigenvalue first), each
+    divided by sqrt(eigenvalue + eps x the mean patch-pixel variance), then their negatives;
+    the bias centres each filter's output on these patches (minus the filter's response to
+    the mean patch), so the stem's first k^2 C outputs have about the identity covariance and
+    mean 0 on them, and the others are their negatives. Float64 sums, `chunk` images at a time."""
+    d = k * k * x_train.shape[-1]
+    total, outer, count = np.zeros(d), np.zeros((d, d)), 0
+    for start in range(0, len(x_train), chunk):
+        images = x_train[start:start + chunk].astype(np.float64) / 255
+        windows = np.lib.stride_tricks.sliding_window_view(images, (k, k), axis=(1, 2))  # (b, h', w', C, k, k)
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, d)  # in the kernel's (k, k, C) order
+        total, outer, count = total + patches.sum(0), outer + patches.T @ patches, count + len(patches)
+    mean = total / count
+    covariance = outer / count - np.outer(mean, mean)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1]
+    scaled = eigenvectors[:, order] / np.sqrt(np.maximum(eigenvalues[order], 0) + eps * np.trace(covariance) / d)
+    filters = np.concatenate([scaled, -scaled], axis=1)
+    return filters.reshape(k, k, -1, 2 * d).astype("float32"), (-mean @ filters).astype("float32")
+
+
+def set_whitening(model: keras.Model, x_train: np.ndarray) -> None:
+    """Fit the filters and bias of `model`'s whitening stem, if it has one, to the uint8
+    training images `x_train` (`whitening_filters`)."""
+    for layer in model.layers:
+        if isinstance(layer, Whitening):
+            kernel, bias = whitening_filters(x_train, layer.kernel_size)
+            layer.kernel.assign(kernel)
+            layer.bias.assign(bias)
 
 
 @SERIALIZABLE
@@ -311,6 +383,9 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")
     x = layers.Rescaling(1.0 / 255)(inputs)
     x = augmentation(x, params, input_shape)
+    if params.get("whiten", False):  # its filters are placeholders until set_whitening
+        x = Whitening(params.get("whiten_kernel", 2), name="whitening")(x)
+        x = layers.Activation(params.get("activation", "relu"))(x)
     for i in range(1, params["depth"] + 1):
         x = conv_block(x, params, i)
     head = params.get("head", "flatten")

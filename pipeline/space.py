@@ -97,6 +97,8 @@ TOP_SETTINGS = {  # top-level keys that are settings
     "bn_bias_lr": (float, *_ABOVE_ZERO),
     "block_order": _one_of(BLOCK_ORDERS),
     "conv_init": _one_of(CONV_INITS),
+    "whiten": (bool, *_FLAG),
+    "whiten_kernel": (int, *_POSITIVE),
 }
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
@@ -117,7 +119,8 @@ OPTIONAL_DEFAULTS = {
                  "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
     "augment": {"flip": False, "translate": 0, "cutout": 0},
     "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9, "bn_scale": True, "bn_momentum": 0.9,
-            "bn_bias_lr": 1.0, "block_order": "conv_bn_act", "conv_init": "default"},
+            "bn_bias_lr": 1.0, "block_order": "conv_bn_act", "conv_init": "default",
+            "whiten": False, "whiten_kernel": 2},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}

@@ -12,7 +12,9 @@ of the best epoch, prefixed `train_` / `val_`, plus `epochs_needed` (best epoch,
 and `epochs_run`.
 
 A learning-rate schedule (`schedule` param) spans the fit's epoch count: a trial's epoch
-cap (early stopping may end it before the rate reaches 0), the refit's own epochs.
+cap (early stopping may end it before the rate reaches 0), the refit's own epochs. A
+whitening stem's filters (`whiten` param) are fitted to the fit's training rows only, a
+trial's or the refit's, before it starts (`model_for`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from pipeline import interrupts
-from pipeline.model import build_model
+from pipeline.model import build_model, set_whitening
 from pipeline.names import prefixed
 
 
@@ -47,6 +49,14 @@ class Images:
 
     def __len__(self):
         return int(self.y.shape[0])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The uint8 images of `rows`, as a numpy array."""
+        if not self.tf:
+            return self.x[rows]
+        import tensorflow as tf
+
+        return tf.gather(self.x, rows).numpy()
 
     def batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0):
         """(uint8 images, labels) batches of `rows`, reshuffled each epoch when `shuffle`."""
@@ -131,6 +141,17 @@ def scheduled_model(params: dict, input_shape: tuple, n_classes: int, train_imag
     """`build_model` with the schedule spanning `epochs` passes over `train_images` images."""
     steps_per_epoch = math.ceil(train_images / params.get("batch_size", 32))
     return build_model(params, input_shape, n_classes, total_steps=epochs * steps_per_epoch)
+
+
+def model_for(params: dict, input_shape: tuple, n_classes: int, images: Images, rows: np.ndarray,
+              epochs: int) -> keras.Model:
+    """The model a fit of `epochs` passes over the training `rows` of `images` starts from:
+    `scheduled_model`, with a whitening stem's filters (`whiten`) fitted to those rows, never
+    to validation or test rows (pipeline.model.set_whitening)."""
+    model = scheduled_model(params, input_shape, n_classes, len(rows), epochs)
+    if params.get("whiten", False):
+        set_whitening(model, images.take(rows))
+    return model
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -232,7 +253,7 @@ def train(
 ) -> dict:
     """Fit a fresh model on `split` and return the best epoch's metrics."""
     fresh_start(seed)
-    model = scheduled_model(params, input_shape, n_classes, len(split.train_rows), epochs)
+    model = model_for(params, input_shape, n_classes, split.images, split.train_rows, epochs)
     mode = "max" if direction == "maximize" else "min"
     early = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
     batch_size = params.get("batch_size", 32)
@@ -259,8 +280,8 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
     fresh_start(seed)
     if stop_at is not None:
         callbacks = [*(callbacks or []), StopAt(stop_at)]
-    model = scheduled_model(params, input_shape, n_classes, len(y), epochs)
     images = Images(x, y)
+    model = model_for(params, input_shape, n_classes, images, np.arange(len(images)), epochs)
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
     with forget_custom_gradients():
         model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal()], shuffle=False, verbose=0)

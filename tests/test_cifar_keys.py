@@ -14,7 +14,8 @@ from conftest import ROOT
 
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
-from pipeline.model import BoostedBatchNorm, Dirac, build_model
+from pipeline.model import BoostedBatchNorm, Dirac, Whitening, build_model, set_whitening, whitening_filters
+from pipeline.train import KeepModel, train, validation_splits
 from pipeline.space import load_space
 
 SHAPE, CLASSES = (16, 16, 3), 4
@@ -28,7 +29,8 @@ BASE = {"depth": 2,
         "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
 # every key of this file switched on
 NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
-       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac"}
+       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac",
+       "whiten": True, "whiten_kernel": 2}
 NEW_PARAMS = set(NEW) - {"head"}  # params no space had before (`head` had flatten and global_avg)
 FIXED_SPACE = """
 depth: 2
@@ -46,6 +48,8 @@ bn_momentum: {low: 0.4, high: 0.9}
 bn_bias_lr: [1.0, 64.0]
 block_order: [conv_bn_act, conv_pool_bn_act]
 conv_init: [default, dirac]
+whiten: [false, true]
+whiten_kernel: [2, 3]
 """
 GOOD = """
 depth: 1
@@ -64,6 +68,7 @@ def fitted(params: dict, tiny) -> keras.Model:
     """The model of `params` after one epoch on the tiny images."""
     keras.utils.set_random_seed(0)
     model = build_model(params, SHAPE, CLASSES)
+    set_whitening(model, tiny[0])  # as pipeline.train does
     history = model.fit(*tiny, epochs=1, batch_size=32, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     return model
@@ -87,6 +92,8 @@ def space_file(tmp_path, text: str):
     (GOOD + "block_order: conv_act_bn\n", "key 'block_order': 'conv_act_bn' must be one of ('conv_bn_act', "
                                             "'conv_pool_bn_act')"),
     (GOOD + "conv_init: he\n", "key 'conv_init': 'he' must be one of ('default', 'dirac')"),
+    (GOOD + "whiten: [true, 0]\n", "key 'whiten': expected bool, got 0"),
+    (GOOD + "whiten_kernel: 0\n", "key 'whiten_kernel': 0 must be >= 1"),
 ])
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
     path = space_file(tmp_path, text)
@@ -122,8 +129,8 @@ def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(
     short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
     assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
     full = space.complete(short)
-    assert [full[k] for k in ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init")] == [
-        1 / 9, True, 0.9, 1.0, "conv_bn_act", "default"]
+    keys = ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init", "whiten", "whiten_kernel")
+    assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", False, 2]
 
 
 def test_defaults_build_todays_model():
@@ -153,6 +160,9 @@ def test_a_model_with_every_key_saved_and_loaded_predicts_the_same(tiny, tmp_pat
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
+    stem = model.get_layer("whitening").kernel
+    np.testing.assert_array_equal(loaded.get_layer("whitening").kernel, stem)  # the fitted filters were saved
+    assert np.abs(keras.ops.convert_to_numpy(stem)).max() > 1
     np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
 
 
@@ -244,3 +254,55 @@ def test_conv_init_dirac_initialises_every_block_conv(tiny):
     assert first[1, 1, range(3), range(3)].tolist() == [1, 1, 1] and first[..., :3].sum() == 3
     assert not any(isinstance(c.kernel_initializer, Dirac) for c in build_model(BASE, SHAPE, CLASSES).layers
                    if isinstance(c, keras.layers.Conv2D))
+
+
+def correlated_images(n: int, seed: int) -> np.ndarray:
+    """uint8 16x16 colour images whose neighbouring pixels and channels are strongly
+    correlated (4x4 blocks of one value, a shared grey level) plus some independent noise."""
+    rng = np.random.default_rng(seed)
+    blocks = np.repeat(np.repeat(rng.uniform(0, 150, (n, 4, 4, 1)), 4, axis=1), 4, axis=2)
+    colour = rng.uniform(0, 50, (n, 1, 1, 3))
+    return (blocks + colour + rng.uniform(0, 55, (n, 16, 16, 3))).astype(np.uint8)
+
+
+def patches(images: np.ndarray, k: int) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(images / 255, (k, k), axis=(1, 2))
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, k * k * images.shape[-1])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_whitening_stem_whitens_its_training_patches(k):
+    x = correlated_images(64, 0)
+    d = k * k * 3
+    assert np.abs(np.corrcoef(patches(x, k).T) - np.eye(d)).max() > 0.5  # far from white before
+    stem = Whitening(k)
+    stem.build((None, *SHAPE))
+    kernel, bias = whitening_filters(x, k)
+    assert kernel.shape == (k, k, 3, 2 * d) and bias.shape == (2 * d,)
+    stem.kernel.assign(kernel)
+    stem.bias.assign(bias)
+    out = keras.ops.convert_to_numpy(stem(x.astype("float32") / 255))
+    assert out.shape == (64, 17 - k, 17 - k, 2 * d)
+    out = out.reshape(-1, 2 * d)
+    np.testing.assert_allclose(np.cov(out[:, :d].T, bias=True), np.eye(d), atol=0.02)
+    np.testing.assert_allclose(out[:, :d].mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(out[:, d:], -out[:, :d], atol=1e-5)  # the negatives
+    assert stem.trainable_weights == [stem.bias] and stem.non_trainable_weights == [stem.kernel]
+
+
+def test_the_whitening_filters_come_from_the_trials_training_rows_only():
+    x, y = correlated_images(80, 1), np.arange(80) % CLASSES
+    split = validation_splits(x, y, 1, 0.25, 0)[0]
+    params = {**BASE, "whiten": True, "dense_layers": 0}
+    stems = []
+    for val_images in (x[split.val_rows], correlated_images(20, 2)):  # other validation rows, same training rows
+        changed = x.copy()
+        changed[split.val_rows] = val_images
+        keep = KeepModel()
+        other = validation_splits(changed, y, 1, 0.25, 0)[0]
+        assert np.array_equal(other.train_rows, split.train_rows)
+        train(params, other, SHAPE, CLASSES, epochs=1, callbacks=[keep])
+        stems.append(keras.ops.convert_to_numpy(keep.model.get_layer("whitening").kernel))
+    np.testing.assert_array_equal(stems[0], stems[1])  # frozen: training left them as they were fitted
+    np.testing.assert_allclose(stems[0], whitening_filters(x[split.train_rows], 2)[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(stems[0], whitening_filters(x, 2)[0], atol=1e-3)  # all rows would give others
