@@ -229,9 +229,10 @@ def make_optimizer(name: str, learning_rate, momentum: float | None = None, weig
 
 
 def augmentation(x, params: dict, input_shape: tuple):
-    """`augment_flip` (horizontal), `augment_translate` (up to that many whole pixels each
+    """`augment_flip` true (horizontal, random; `alternating` flips are no layer but
+    pipeline.train's data: they need each image's state), `augment_translate` (up to that many whole pixels each
     way, nearest-pixel, zeros shifted in) and `augment_cutout` (a square of that side zeroed)."""
-    if params.get("augment_flip", False):
+    if params.get("augment_flip", False) is True:
         x = layers.RandomFlip("horizontal")(x)
     shift = params.get("augment_translate", 0)
     if shift > 0:

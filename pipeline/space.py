@@ -8,7 +8,7 @@ File format (see search_spaces/seed.yaml):
     block3: {filters: 128}          # optional: block i's own settings over later_blocks'
     dense: {units: {low: 50, high: 999}}
     training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
-    augment: {flip: true, translate: 2}   # optional: training-time augmentation
+    augment: {flip: true, translate: 2}   # optional: training-time augmentation (flip: alternating too)
     head: global_avg                      # optional: flatten (default), global_avg or global_max
     activation: gelu                      # optional: relu (default) or gelu
 
@@ -84,7 +84,7 @@ TRAINING_KEYS = {
     "momentum": (float, *_RATE),
 }
 AUGMENT_KEYS = {
-    "flip": (bool, *_FLAG),
+    "flip": ((bool, str), lambda v: isinstance(v, bool) or v == "alternating", "true, false or 'alternating'"),
     "translate": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
     "cutout": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
 }
@@ -175,7 +175,8 @@ def _dim(spec, typ, check, meaning, where: str) -> Dim:
 
     def one(value):
         if not _typed(value, typ):
-            raise bad(f"expected {typ.__name__}, got {value!r}")
+            names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+            raise bad(f"expected {names}, got {value!r}")
         if not check(value):
             raise bad(f"{value!r} must be {meaning}")
         return float(value) if typ is float else value

@@ -15,7 +15,7 @@ from conftest import ROOT
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
 from pipeline.model import BoostedBatchNorm, Dirac, Whitening, build_model, set_whitening, whitening_filters
-from pipeline.train import KeepModel, train, validation_splits
+from pipeline.train import AlternatingFlips, Images, KeepModel, RowBatches, train, validation_splits
 from pipeline.space import load_space
 
 SHAPE, CLASSES = (16, 16, 3), 4
@@ -30,8 +30,9 @@ BASE = {"depth": 2,
 # every key of this file switched on
 NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
        "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac",
-       "whiten": True, "whiten_kernel": 2}
-NEW_PARAMS = set(NEW) - {"head"}  # params no space had before (`head` had flatten and global_avg)
+       "whiten": True, "whiten_kernel": 2, "augment_flip": "alternating"}
+NEW_PARAMS = set(NEW) - {"head", "augment_flip"}  # params no space had (head, augment_flip had other values)
+NEW_TOP = {k: v for k, v in NEW.items() if k != "augment_flip"}  # the top-level settings
 FIXED_SPACE = """
 depth: 2
 first_block: {filters: 8, kernel_size: 3, pool_size: 2, batch_norm: true, convs: 2}
@@ -50,6 +51,7 @@ block_order: [conv_bn_act, conv_pool_bn_act]
 conv_init: [default, dirac]
 whiten: [false, true]
 whiten_kernel: [2, 3]
+augment: {flip: [false, true, alternating]}
 """
 GOOD = """
 depth: 1
@@ -94,6 +96,8 @@ def space_file(tmp_path, text: str):
     (GOOD + "conv_init: he\n", "key 'conv_init': 'he' must be one of ('default', 'dirac')"),
     (GOOD + "whiten: [true, 0]\n", "key 'whiten': expected bool, got 0"),
     (GOOD + "whiten_kernel: 0\n", "key 'whiten_kernel': 0 must be >= 1"),
+    (GOOD + "augment: {flip: sometimes}\n", "key 'augment.flip': 'sometimes' must be true, false or 'alternating'"),
+    (GOOD + "augment: {flip: [true, 2]}\n", "key 'augment.flip': expected bool or str, got 2"),
 ])
 def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
     path = space_file(tmp_path, text)
@@ -111,6 +115,7 @@ def test_spaces_that_do_not_name_the_keys_have_none_of_their_params():
             trial = study.ask()
             params = space.sample(trial)
             assert not NEW_PARAMS & set(params) and params.get("head") != "global_max", name
+            assert params.get("augment_flip") in (None, True, False), name
             study.tell(trial, 0.0)
         assert not NEW_PARAMS & set(space.complete({"depth": 1})), name
 
@@ -118,19 +123,22 @@ def test_spaces_that_do_not_name_the_keys_have_none_of_their_params():
 def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(tmp_path):
     space = load_space(space_file(tmp_path, SPACE))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
-    for _ in range(8):
+    seen, flips = set(), set()
+    for _ in range(12):
         trial = study.ask()
         params = space.sample(trial)
         assert space.violations(params) == [] and set(NEW) <= set(params)
         seen.update((params["activation"], params["head"], params["block_order"], params["conv_init"]))
+        flips.add(params["augment_flip"])
         study.tell(trial, 0.0)
     assert seen == {"relu", "gelu", "flatten", "global_max", "conv_bn_act", "conv_pool_bn_act", "default", "dirac"}
+    assert flips == {False, True, "alternating"}
     short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
     assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
     full = space.complete(short)
-    keys = ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init", "whiten", "whiten_kernel")
-    assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", False, 2]
+    keys = ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init", "whiten", "whiten_kernel",
+            "augment_flip")
+    assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", False, 2, False]
 
 
 def test_defaults_build_todays_model():
@@ -148,7 +156,7 @@ def test_gelu_is_the_activation_of_every_conv_and_hidden_dense_layer(tiny):
 
 
 def test_the_dry_run_shows_every_key(tmp_path, settings, digits, capsys):
-    space = load_space(space_file(tmp_path, FIXED_SPACE + yaml.safe_dump(NEW)))
+    space = load_space(space_file(tmp_path, FIXED_SPACE + yaml.safe_dump(NEW_TOP) + "augment: {flip: alternating}\n"))
     dry_run(space, digits, settings.replace(samples=1))
     out = capsys.readouterr().out
     for key, value in NEW.items():
@@ -306,3 +314,36 @@ def test_the_whitening_filters_come_from_the_trials_training_rows_only():
     np.testing.assert_array_equal(stems[0], stems[1])  # frozen: training left them as they were fitted
     np.testing.assert_allclose(stems[0], whitening_filters(x[split.train_rows], 2)[0], rtol=1e-5, atol=1e-5)
     assert not np.allclose(stems[0], whitening_filters(x, 2)[0], atol=1e-3)  # all rows would give others
+
+
+@pytest.mark.parametrize("reader", ["pipeline", "numpy"])
+def test_alternating_flips_flip_a_random_half_then_every_image_every_other_epoch(tiny, reader):
+    """The batches a fit reads (tf.data on TensorFlow; RowBatches, the JAX and PyTorch path)."""
+    x, y = tiny
+    rows = np.arange(8, 56)
+    flips = AlternatingFlips(len(x), seed=3)
+    if reader == "numpy":
+        batches = RowBatches(x, y, rows, 16, False, 0, flips)
+        read = lambda: [batches[i] for i in range(len(batches))]  # noqa: E731
+    else:
+        batches = Images(x, y).batches(rows, 16, flips=flips)
+        read = lambda: list(batches)  # noqa: E731
+    flipped = []
+    for epoch in range(4):
+        flips.on_epoch_begin(epoch)
+        images = np.concatenate([np.asarray(b[0]) for b in read()])
+        labels = np.concatenate([np.asarray(b[1]) for b in read()])
+        assert labels.tolist() == y[rows].tolist()
+        mirrored = np.array([np.array_equal(image, x[r][:, ::-1]) for image, r in zip(images, rows)])
+        assert all(np.array_equal(image, x[r]) for image, r in zip(images[~mirrored], rows[~mirrored]))
+        flipped.append(mirrored)
+    assert 0.25 < flipped[0].mean() < 0.75  # epoch 0: a random half
+    assert (flipped[1] == ~flipped[0]).all() and (flipped[2] == flipped[0]).all() and (flipped[3] == flipped[1]).all()
+
+
+def test_alternating_flips_are_the_datas_not_a_layer_and_train_fits_with_them(tiny):
+    kinds = lambda flip: {type(layer).__name__ for layer in build_model({**BASE, "augment_flip": flip}, SHAPE, 4).layers}  # noqa: E731
+    assert "RandomFlip" in kinds(True) and "RandomFlip" not in kinds("alternating")
+    split = validation_splits(*tiny, 1, 0.25, 0)[0]
+    metrics = train({**BASE, "augment_flip": "alternating"}, split, SHAPE, CLASSES, epochs=2)
+    assert metrics["epochs_run"] == 2 and np.isfinite(metrics["train_loss"])
