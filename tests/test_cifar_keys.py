@@ -15,8 +15,9 @@ from conftest import ROOT
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
 from pipeline.model import BoostedBatchNorm, Dirac, Whitening, build_model, set_whitening, whitening_filters
-from pipeline.train import AlternatingFlips, Images, KeepModel, RowBatches, train, validation_splits
 from pipeline.space import load_space
+from pipeline.train import AlternatingFlips, Images, KeepModel, RowBatches, train, validation_splits
+from pipeline.warm_start import load_configurations
 
 SHAPE, CLASSES = (16, 16, 3), 4
 # two batch-normed blocks (two convs, then one) and one hidden dense layer, for tiny 16x16 colour images
@@ -33,14 +34,17 @@ NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scal
        "whiten": True, "whiten_kernel": 2, "augment_flip": "alternating"}
 NEW_PARAMS = set(NEW) - {"head", "augment_flip"}  # params no space had (head, augment_flip had other values)
 NEW_TOP = {k: v for k, v in NEW.items() if k != "augment_flip"}  # the top-level settings
-FIXED_SPACE = """
+BLOCKS = """
 depth: 2
 first_block: {filters: 8, kernel_size: 3, pool_size: 2, batch_norm: true, convs: 2}
 later_blocks: {filters: 16, kernel_size: 3, pool_size: 2, batch_norm: true}
 """
-SPACE = FIXED_SPACE + """
+TRAINING = """
 dense: {units: 16}
 training: {optimizer: nesterov, learning_rate: 0.05, batch_size: 32}
+"""
+ALL_SPACE = BLOCKS + TRAINING + yaml.safe_dump(NEW_TOP) + "augment: {flip: alternating}\n"  # every key fixed on
+SPACE = BLOCKS + TRAINING + """
 activation: [relu, gelu]
 head: [flatten, global_max]
 head_scale: {low: 0.05, high: 0.2}
@@ -141,6 +145,26 @@ def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(
     assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", False, 2, False]
 
 
+def test_a_configuration_with_every_key_is_a_valid_warm_start_and_baseline(tmp_path):
+    path = space_file(tmp_path, ALL_SPACE)
+    space = load_space(path)
+    warm = tmp_path / "warm.yaml"
+    config = {k: v for k, v in {**BASE, **NEW}.items() if not k.endswith(("_pooling", "_dropout"))}  # defaults
+    warm.write_text(yaml.safe_dump({"search_space": str(path), "configurations": {"airbench_like": config}}))
+    _, configs = load_configurations(warm)  # what warm starts and baselines read: completed, validated
+    assert {k: configs["airbench_like"][k] for k in NEW} == NEW and space.violations(configs["airbench_like"]) == []
+    warm.write_text(yaml.safe_dump({"search_space": str(path), "configurations": {"x": {**config, "bn_momentum": 0.5}}}))
+    with pytest.raises(PipelineError, match="bn_momentum=0.5 is outside the space"):
+        load_configurations(warm)
+
+
+def test_a_model_with_every_key_compiles_with_xla_on_tensorflow(tiny):
+    model = build_model({**BASE, **NEW}, SHAPE, CLASSES)
+    set_whitening(model, tiny[0])
+    model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=True)
+    assert model.jit_compile and np.isfinite(model.fit(*tiny, epochs=1, batch_size=32, verbose=0).history["loss"][0])
+
+
 def test_defaults_build_todays_model():
     today = build_model(BASE, SHAPE, CLASSES)
     explicit = build_model({**BASE, "activation": "relu"}, SHAPE, CLASSES)
@@ -156,7 +180,7 @@ def test_gelu_is_the_activation_of_every_conv_and_hidden_dense_layer(tiny):
 
 
 def test_the_dry_run_shows_every_key(tmp_path, settings, digits, capsys):
-    space = load_space(space_file(tmp_path, FIXED_SPACE + yaml.safe_dump(NEW_TOP) + "augment: {flip: alternating}\n"))
+    space = load_space(space_file(tmp_path, ALL_SPACE))
     dry_run(space, digits, settings.replace(samples=1))
     out = capsys.readouterr().out
     for key, value in NEW.items():
