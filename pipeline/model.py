@@ -4,16 +4,18 @@ plain dict.
 Knows nothing about Optuna. The model takes raw uint8 pixels and scales them itself, so a
 saved model predicts from raw image arrays. Augmentation (`augment_*` params) is layers
 inside the model that act only in training (Keras' RandomFlip, `Translate` and `Cutout`
-are the identity when `training=False`), so the saved model predicts exactly as one without them.
+are the identity when `training=False`), so the saved model predicts exactly as one without
+them; only alternating flips (`augment_flip: alternating`) are pipeline.train's data instead.
 A learning-rate schedule (`schedule`) spans `total_steps` optimizer steps, which only the
 caller knows (pipeline.train: epochs x steps per epoch). New code here uses `keras.ops`
 only, no TensorFlow calls, so it runs on any Keras backend; the custom layers,
-initializer, schedule and loss are registered, so `keras.saving.load_model` reads a saved model after
-`import pipeline.model`. `build_model` sees no data: a whitening stem (`whiten`) is built
-with placeholder filters, which `set_whitening` then fits to a fit's training images
-(pipeline.train calls it before fitting). Convs and pools use "same" padding, so every
-configuration builds for any input size (8x8 digits included): a pool never shrinks a
-side below 1 (only the whitening stem's k x k conv is "valid", k - 1 pixels narrower).
+initializer, schedule and loss are registered, so `keras.saving.load_model` reads a saved
+model after `import pipeline.model`. `build_model` sees no data: a whitening stem
+(`whiten`) is built with placeholder filters, which `set_whitening` then fits to a fit's
+training images (pipeline.train calls it before fitting). Convs and pools use "same"
+padding, so every configuration builds for any input size (8x8 digits included): a pool
+never shrinks a side below 1 (only the whitening stem's k x k conv is "valid", k - 1
+pixels narrower).
 Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute in float16,
 the output layer stays float32, and `compile` adds loss scaling itself.
 """
@@ -229,9 +231,10 @@ def make_optimizer(name: str, learning_rate, momentum: float | None = None, weig
 
 
 def augmentation(x, params: dict, input_shape: tuple):
-    """`augment_flip` true (horizontal, random; `alternating` flips are no layer but
-    pipeline.train's data: they need each image's state), `augment_translate` (up to that many whole pixels each
-    way, nearest-pixel, zeros shifted in) and `augment_cutout` (a square of that side zeroed)."""
+    """`augment_flip` true (horizontal, at random; `alternating` flips are no layer but
+    pipeline.train's data, as they need each image's state), `augment_translate` (up to
+    that many whole pixels each way, nearest-pixel, zeros shifted in) and `augment_cutout`
+    (a square of that side zeroed)."""
     if params.get("augment_flip", False) is True:
         x = layers.RandomFlip("horizontal")(x)
     shift = params.get("augment_translate", 0)
