@@ -371,3 +371,16 @@ def test_alternating_flips_are_the_datas_not_a_layer_and_train_fits_with_them(ti
     split = validation_splits(*tiny, 1, 0.25, 0)[0]
     metrics = train({**BASE, "augment_flip": "alternating"}, split, SHAPE, CLASSES, epochs=2)
     assert metrics["epochs_run"] == 2 and np.isfinite(metrics["train_loss"])
+
+
+def test_every_key_trains_under_mixed_float16_with_float32_logits(tiny):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = fitted({**BASE, **NEW}, tiny)
+        assert model.get_layer("whitening").compute_dtype == "float16"
+        assert {layer.compute_dtype for layer in batch_norms(model)} == {"float16"}
+        assert [model.get_layer(name).compute_dtype for name in ("logits", "logit_scale", "probabilities")] == [
+            "float32"] * 3
+        assert model.outputs[0].dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
