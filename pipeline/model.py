@@ -4,15 +4,20 @@ plain dict.
 Knows nothing about Optuna. The model takes raw uint8 pixels and scales them itself, so a
 saved model predicts from raw image arrays. Augmentation (`augment_*` params) is layers
 inside the model that act only in training (Keras' RandomFlip, `Translate` and `Cutout`
-are the identity when `training=False`), so the saved model predicts exactly as one without them.
+are the identity when `training=False`), so the saved model predicts exactly as one without
+them; only alternating flips (`augment_flip: alternating`) are pipeline.train's data instead.
 A learning-rate schedule (`schedule`) spans `total_steps` optimizer steps, which only the
 caller knows (pipeline.train: epochs x steps per epoch). New code here uses `keras.ops`
-only, no TensorFlow calls, so it runs on any Keras backend; the custom layer, schedule
-and loss are registered, so `keras.saving.load_model` reads a saved model after
-`import pipeline.model`. Convs and pools use "same" padding, so every
-configuration builds for any input size (8x8 digits included): a pool never shrinks a
-side below 1. Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute
-in float16, the output layer stays float32, and `compile` adds loss scaling itself.
+only, no TensorFlow calls, so it runs on any Keras backend; the custom layers,
+initializer, schedule and loss are registered, so `keras.saving.load_model` reads a saved
+model after `import pipeline.model`. `build_model` sees no data: a whitening stem
+(`whiten`) is built with placeholder filters, which `set_whitening` then fits to a fit's
+training images (pipeline.train calls it before fitting). Convs and pools use "same"
+padding, so every configuration builds for any input size (8x8 digits included): a pool
+never shrinks a side below 1 (only the whitening stem's k x k conv is "valid", k - 1
+pixels narrower).
+Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute in float16,
+the output layer stays float32, and `compile` adds loss scaling itself.
 """
 
 from __future__ import annotations
@@ -88,6 +93,75 @@ class Translate(Augmentation):
 
 
 @SERIALIZABLE
+class Whitening(layers.Layer):
+    """The whitening stem (airbench, Page): a frozen `kernel_size` x `kernel_size` "valid"
+    conv with 2 k^2 C filters (C input channels) and a trainable bias. Its filters are a
+    non-trainable weight, saved with the model; they are zeros, a placeholder, until
+    `set_whitening` fits them to the training images (pipeline.train does, before a fit)."""
+
+    def __init__(self, kernel_size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = int(kernel_size)
+
+    def build(self, input_shape):
+        k, channels = self.kernel_size, input_shape[-1]
+        filters = 2 * k * k * channels
+        self.kernel = self.add_weight(shape=(k, k, channels, filters), initializer="zeros", trainable=False,
+                                      name="kernel")
+        self.bias = self.add_weight(shape=(filters,), initializer="zeros", name="bias")
+
+    def call(self, images):
+        return ops.conv(images, ops.cast(self.kernel, images.dtype), padding="valid") + ops.cast(self.bias, images.dtype)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        side = lambda n: None if n is None else n - self.kernel_size + 1  # noqa: E731
+        return (batch, side(height), side(width), 2 * self.kernel_size ** 2 * channels)
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size}
+
+
+# The whitening's epsilon, relative to the mean variance of a patch's pixels: airbench's 5e-4
+# on images normalised to unit variance per channel, here on pixels scaled to [0, 1].
+WHITEN_EPS = 5e-4
+
+
+def whitening_filters(x_train: np.ndarray, k: int, eps: float = WHITEN_EPS, chunk: int = 1024):
+    """(kernel (k, k, C, 2 k^2 C), bias (2 k^2 C,)) of a `Whitening` stem for the uint8 images
+    `x_train` (n, height, width, C), scaled to [0, 1] as the model scales them: the
+    eigenvectors of the covariance of their k x k patches (largest eigenvalue first), each
+    divided by sqrt(eigenvalue + eps x the mean patch-pixel variance), then their negatives;
+    the bias centres each filter's output on these patches (minus the filter's response to
+    the mean patch), so the stem's first k^2 C outputs have about the identity covariance and
+    mean 0 on them, and the others are their negatives. Float64 sums, `chunk` images at a time."""
+    d = k * k * x_train.shape[-1]
+    total, outer, count = np.zeros(d), np.zeros((d, d)), 0
+    for start in range(0, len(x_train), chunk):
+        images = x_train[start:start + chunk].astype(np.float64) / 255
+        windows = np.lib.stride_tricks.sliding_window_view(images, (k, k), axis=(1, 2))  # (b, h', w', C, k, k)
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, d)  # in the kernel's (k, k, C) order
+        total, outer, count = total + patches.sum(0), outer + patches.T @ patches, count + len(patches)
+    mean = total / count
+    covariance = outer / count - np.outer(mean, mean)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1]
+    scaled = eigenvectors[:, order] / np.sqrt(np.maximum(eigenvalues[order], 0) + eps * np.trace(covariance) / d)
+    filters = np.concatenate([scaled, -scaled], axis=1)
+    return filters.reshape(k, k, -1, 2 * d).astype("float32"), (-mean @ filters).astype("float32")
+
+
+def set_whitening(model: keras.Model, x_train: np.ndarray) -> None:
+    """Fit the filters and bias of `model`'s whitening stem, if it has one, to the uint8
+    training images `x_train` (`whitening_filters`)."""
+    for layer in model.layers:
+        if isinstance(layer, Whitening):
+            kernel, bias = whitening_filters(x_train, layer.kernel_size)
+            layer.kernel.assign(kernel)
+            layer.bias.assign(bias)
+
+
+@SERIALIZABLE
 class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     """`peak` over `total_steps` optimizer steps. With progress t = min(step / total_steps, 1)
     and w = `warmup`: for t < w the rate rises linearly from 0 to `peak` (peak * t / w);
@@ -157,9 +231,11 @@ def make_optimizer(name: str, learning_rate, momentum: float | None = None, weig
 
 
 def augmentation(x, params: dict, input_shape: tuple):
-    """`augment_flip` (horizontal), `augment_translate` (up to that many whole pixels each
-    way, nearest-pixel, zeros shifted in) and `augment_cutout` (a square of that side zeroed)."""
-    if params.get("augment_flip", False):
+    """`augment_flip` true (horizontal, at random; `alternating` flips are no layer but
+    pipeline.train's data, as they need each image's state), `augment_translate` (up to
+    that many whole pixels each way, nearest-pixel, zeros shifted in) and `augment_cutout`
+    (a square of that side zeroed)."""
+    if params.get("augment_flip", False) is True:
         x = layers.RandomFlip("horizontal")(x)
     shift = params.get("augment_translate", 0)
     if shift > 0:
@@ -191,32 +267,115 @@ def augmentation(x, params: dict, input_shape: tuple):
 BN_MOMENTUM = 0.9
 
 
-def conv_bn(x, filters: int, kernel_size: int, batch_norm: bool):
+@SERIALIZABLE
+class BoostedBatchNorm(layers.BatchNormalization):
+    """Batch norm whose offset learns `bias_lr` times faster under SGD, the optimizer untouched
+    (Page's and airbench's boosted rate on BN biases). The offset is c x a raw trainable
+    weight (`raw_beta`, from 0) with c = sqrt(bias_lr), and replaces Keras' own (`center` is
+    off): the raw weight's gradient is c times the offset's, so an SGD step (with or without
+    momentum) on it moves the offset by c^2 = bias_lr times the step on a plain offset.
+    Adam's step does not scale with the gradient, so under Adam (and AdamW, RMSprop) the
+    offset moves sqrt(bias_lr) times faster; decoupled weight decay shrinks the offset at the
+    optimizer's own rate either way. Saved and loaded like BatchNormalization."""
+
+    def __init__(self, bias_lr: float = 1.0, **kwargs):
+        super().__init__(**{**kwargs, "center": False})
+        self.bias_lr = float(bias_lr)
+
+    def build(self, input_shape):
+        self.raw_beta = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="raw_beta")
+        super().build(input_shape)
+
+    def call(self, inputs, training=None, mask=None):
+        outputs = super().call(inputs, training=training, mask=mask)
+        return outputs + ops.cast(math.sqrt(self.bias_lr) * self.raw_beta, outputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "bias_lr": self.bias_lr}
+
+
+def norm(x, params: dict):
+    """Batch norm of `x`: `bn_momentum` (Keras' convention: the weight on the old moving
+    statistics), `bn_scale` false freezes the scale at 1 (no gamma), `bn_bias_lr` other
+    than 1 boosts the offset's learning rate (BoostedBatchNorm)."""
+    options = {"momentum": params.get("bn_momentum", BN_MOMENTUM), "scale": params.get("bn_scale", True)}
+    bias_lr = params.get("bn_bias_lr", 1.0)
+    return (BoostedBatchNorm(bias_lr, **options) if bias_lr != 1 else layers.BatchNormalization(**options))(x)
+
+
+@SERIALIZABLE
+class Dirac(keras.initializers.Initializer):
+    """A conv kernel (height, width, inputs, filters) whose first min(inputs, filters) filters
+    are the identity (PyTorch's `dirac_`, airbench): filter i is 1 on input channel i at the
+    tap that a "same" conv centres on each pixel ((size - 1) // 2 each way), 0 elsewhere, so
+    that it passes channel i through unchanged. The remaining filters are Glorot-uniform,
+    Keras' default, with the whole kernel's fans."""
+
+    def __init__(self, seed=None):
+        self.seed = seed
+        self.glorot = keras.initializers.GlorotUniform(seed)
+
+    def __call__(self, shape, dtype=None):
+        dtype = dtype or keras.backend.floatx()
+        height, width, inputs, filters = shape
+        n = min(inputs, filters)
+        identity, rest = np.zeros(shape), np.ones(shape)
+        identity[(height - 1) // 2, (width - 1) // 2, range(n), range(n)] = 1
+        rest[..., :n] = 0
+        return self.glorot(shape, dtype) * ops.convert_to_tensor(rest, dtype) + ops.convert_to_tensor(identity, dtype)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
+def conv(x, params: dict, filters: int, kernel_size: int, bias: bool):
+    """A "same" conv of `x`, its kernel initialised as `conv_init` says: `default` (Keras'
+    Glorot-uniform) or `dirac` (the identity on the first filters, `Dirac`)."""
+    init = Dirac() if params.get("conv_init", "default") == "dirac" else "glorot_uniform"
+    return layers.Conv2D(filters, kernel_size, padding="same", use_bias=bias, kernel_initializer=init)(x)
+
+
+def conv_bn(x, params: dict, filters: int, kernel_size: int, batch_norm: bool):
     """A "same" conv, batch-normed (without a bias, which BN's offset replaces) or not."""
-    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=not batch_norm)(x)
-    return layers.BatchNormalization(momentum=BN_MOMENTUM)(x) if batch_norm else x
+    x = conv(x, params, filters, kernel_size, not batch_norm)
+    return norm(x, params) if batch_norm else x
 
 
 def conv_block(x, params: dict, i: int):
     """Block i: `convs` convs (optionally batch-normed, with `conv_dropout` between them),
     with `residual` the block's input added to their output (through a 1x1 conv where the
-    width changes), a pool, then dropout."""
+    width changes), a pool, then dropout. With `block_order` conv_pool_bn_act (airbench) the
+    pool follows the first conv instead (conv, pool, BN, activation, then conv, BN,
+    activation for each further conv), and `residual` adds the first conv's output (after
+    its activation) to the further convs' output (Page's ResNet-9; none with one conv)."""
     p = lambda key, default=None: params.get(f"conv{i}_{key}", default)  # noqa: E731
     convs, batch_norm, shortcut = p("convs", 1), p("batch_norm", False), x
+    pool_class = layers.MaxPooling2D if p("pooling", "max") == "max" else layers.AveragePooling2D
+    pool = lambda t: pool_class(p("pool_size"), padding="same")(t)  # noqa: E731
+    pool_first = params.get("block_order", "conv_bn_act") == "conv_pool_bn_act"
     for c in range(convs):
-        x = conv_bn(x, p("filters"), p("kernel_size"), batch_norm)
-        x = layers.Activation("relu")(x)
+        x = conv(x, params, p("filters"), p("kernel_size"), not batch_norm)
+        x = pool(x) if pool_first and c == 0 else x
+        x = norm(x, params) if batch_norm else x
+        x = layers.Activation(params.get("activation", "relu"))(x)
+        shortcut = x if pool_first and c == 0 else shortcut
         if c < convs - 1 and p("conv_dropout", 0.0) > 0:
             x = layers.Dropout(p("conv_dropout"))(x)
-    if p("residual", False):
+    if p("residual", False) and not (pool_first and convs == 1):
         if shortcut.shape[-1] != p("filters"):
-            shortcut = conv_bn(shortcut, p("filters"), 1, batch_norm)
+            shortcut = conv_bn(shortcut, params, p("filters"), 1, batch_norm)
         x = layers.Add()([x, shortcut])
-    pool = layers.MaxPooling2D if p("pooling", "max") == "max" else layers.AveragePooling2D
-    x = pool(p("pool_size"), padding="same")(x)
+    x = x if pool_first else pool(x)
     if p("dropout", 0.0) > 0:
         x = layers.Dropout(p("dropout"))(x)
     return x
+
+
+# `head`: what turns the last block's feature maps into a vector for the dense layers
+HEADS = {"flatten": layers.Flatten, "global_avg": layers.GlobalAveragePooling2D, "global_max": layers.GlobalMaxPooling2D}
+# `head_scale` of the `global_max` head: the factor on its bias-free output layer's logits
+# (airbench's 1/9: max-pooled features are large, and this keeps the first logits small)
+HEAD_SCALE = 1 / 9
 
 
 def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: int | None = None) -> keras.Model:
@@ -228,17 +387,27 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="pixels")
     x = layers.Rescaling(1.0 / 255)(inputs)
     x = augmentation(x, params, input_shape)
+    if params.get("whiten", False):  # its filters are placeholders until set_whitening
+        x = Whitening(params.get("whiten_kernel", 2), name="whitening")(x)
+        x = layers.Activation(params.get("activation", "relu"))(x)
     for i in range(1, params["depth"] + 1):
         x = conv_block(x, params, i)
-    x = layers.GlobalAveragePooling2D()(x) if params.get("head", "flatten") == "global_avg" else layers.Flatten()(x)
+    head = params.get("head", "flatten")
+    x = HEADS[head]()(x)
     max_norm = params.get("dense_max_norm", 0.0)
     for _ in range(params.get("dense_layers", 1)):
         constraint = keras.constraints.MaxNorm(max_norm) if max_norm > 0 else None
-        x = layers.Dense(params["dense_units"], activation="relu", kernel_constraint=constraint)(x)
+        x = layers.Dense(params["dense_units"], activation=params.get("activation", "relu"),
+                         kernel_constraint=constraint)(x)
         if params.get("dense_dropout", 0.0) > 0:
             x = layers.Dropout(params["dense_dropout"])(x)
     # float32 even under the mixed_float16 policy: a float16 softmax loses small probabilities
-    outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
+    if head == "global_max":  # airbench's output layer: bias-free, its logits scaled by a constant
+        x = layers.Dense(n_classes, use_bias=False, name="logits", dtype="float32")(x)
+        x = layers.Rescaling(params.get("head_scale", HEAD_SCALE), name="logit_scale", dtype="float32")(x)
+        outputs = layers.Activation("softmax", name="probabilities", dtype="float32")(x)
+    else:
+        outputs = layers.Dense(n_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     model = keras.Model(inputs, outputs)
     smoothing = params.get("label_smoothing", 0.0)
     model.compile(

@@ -8,14 +8,16 @@ File format (see search_spaces/seed.yaml):
     block3: {filters: 128}          # optional: block i's own settings over later_blocks'
     dense: {units: {low: 50, high: 999}}
     training: {optimizer: adam, learning_rate: 0.001, batch_size: 32}
-    augment: {flip: true, translate: 2}   # optional: training-time augmentation
-    head: global_avg                      # optional: flatten (default) or global_avg
+    augment: {flip: true, translate: 2}   # optional: training-time augmentation (flip: alternating too)
+    head: global_avg                      # optional: flatten (default), global_avg or global_max
+    activation: gelu                      # optional: relu (default) or gelu
 
 Every setting is a fixed value, a list of choices, or a range `{low, high}` with optional
 `log: true` or `step`. Block settings are sampled per block that exists, as `conv<i>_<key>`;
 dense settings as `dense_<key>`; augment settings as `augment_<key>`; training settings and
-`head` by their own name. Keys in OPTIONAL_DEFAULTS are absent from the params of a space
-that does not name them, so older spaces keep their exact params.
+the top-level settings (TOP_SETTINGS: `head`, `activation`, ...) by their own name. Keys in
+OPTIONAL_DEFAULTS are absent from the params of a space that does not name them, so older
+spaces keep their exact params.
 
     python -m pipeline space --search-space FILE    # validate and show sampled models
 """
@@ -36,19 +38,30 @@ from pipeline.errors import PipelineError
 OPTIMIZERS = ("adam", "adamw", "adadelta", "sgd", "nesterov", "rmsprop")
 POOLINGS = ("max", "avg")
 SCHEDULES = ("constant", "cosine", "onecycle")
-HEADS = ("flatten", "global_avg")
+HEADS = ("flatten", "global_avg", "global_max")
+ACTIVATIONS = ("relu", "gelu")
+BLOCK_ORDERS = ("conv_bn_act", "conv_pool_bn_act")
+CONV_INITS = ("default", "dirac")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
 _RATE = (lambda v: 0 <= v < 1, "in [0, 1)")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_ABOVE_ZERO = (lambda v: v > 0, "> 0")
 _FLAG = (lambda v: True, "")
+
+
+def _one_of(values: tuple) -> tuple:
+    """(type, check, meaning) of a string setting that takes one of `values`."""
+    return (str, lambda v: v in values, f"one of {values}")
+
+
 BLOCK_KEYS = {
     "filters": (int, *_POSITIVE),
     "kernel_size": (int, *_POSITIVE),
     "pool_size": (int, *_POSITIVE),
     "convs": (int, *_POSITIVE),
-    "pooling": (str, lambda v: v in POOLINGS, f"one of {POOLINGS}"),
+    "pooling": _one_of(POOLINGS),
     "batch_norm": (bool, *_FLAG),
     "dropout": (float, *_RATE),
     "conv_dropout": (float, *_RATE),
@@ -61,21 +74,32 @@ DENSE_KEYS = {
     "max_norm": (float, lambda v: v >= 0, ">= 0 (0 = none)"),
 }
 TRAINING_KEYS = {
-    "optimizer": (str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
-    "learning_rate": (float, lambda v: v > 0, "> 0"),
+    "optimizer": _one_of(OPTIMIZERS),
+    "learning_rate": (float, *_ABOVE_ZERO),
     "batch_size": (int, *_POSITIVE),
-    "schedule": (str, lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    "schedule": _one_of(SCHEDULES),
     "warmup": (float, *_RATE),
     "label_smoothing": (float, *_RATE),
     "weight_decay": (float, *_NON_NEGATIVE),
     "momentum": (float, *_RATE),
 }
 AUGMENT_KEYS = {
-    "flip": (bool, *_FLAG),
+    "flip": ((bool, str), lambda v: isinstance(v, bool) or v == "alternating", "true, false or 'alternating'"),
     "translate": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
     "cutout": (int, lambda v: v >= 0, ">= 0 pixels (0 = off)"),
 }
-TOP_SETTINGS = {"head": (str, lambda v: v in HEADS, f"one of {HEADS}")}  # top-level keys that are settings
+TOP_SETTINGS = {  # top-level keys that are settings
+    "head": _one_of(HEADS),
+    "activation": _one_of(ACTIVATIONS),
+    "head_scale": (float, *_ABOVE_ZERO),
+    "bn_scale": (bool, *_FLAG),
+    "bn_momentum": (float, *_RATE),
+    "bn_bias_lr": (float, *_ABOVE_ZERO),
+    "block_order": _one_of(BLOCK_ORDERS),
+    "conv_init": _one_of(CONV_INITS),
+    "whiten": (bool, *_FLAG),
+    "whiten_kernel": (int, *_POSITIVE),
+}
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
     "dense": {"units": 128, "layers": 1, "dropout": 0.0},
@@ -94,7 +118,9 @@ OPTIONAL_DEFAULTS = {
                  "weight_decay": lambda p: 0.004 if p.get("optimizer") == "adamw" else 0.0,
                  "momentum": lambda p: 0.9 if p.get("optimizer") == "nesterov" else 0.0},
     "augment": {"flip": False, "translate": 0, "cutout": 0},
-    "top": {"head": "flatten"},
+    "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9, "bn_scale": True, "bn_momentum": 0.9,
+            "bn_bias_lr": 1.0, "block_order": "conv_bn_act", "conv_init": "default",
+            "whiten": False, "whiten_kernel": 2},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}
@@ -149,7 +175,8 @@ def _dim(spec, typ, check, meaning, where: str) -> Dim:
 
     def one(value):
         if not _typed(value, typ):
-            raise bad(f"expected {typ.__name__}, got {value!r}")
+            names = " or ".join(t.__name__ for t in typ) if isinstance(typ, tuple) else typ.__name__
+            raise bad(f"expected {names}, got {value!r}")
         if not check(value):
             raise bad(f"{value!r} must be {meaning}")
         return float(value) if typ is float else value

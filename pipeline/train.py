@@ -12,7 +12,9 @@ of the best epoch, prefixed `train_` / `val_`, plus `epochs_needed` (best epoch,
 and `epochs_run`.
 
 A learning-rate schedule (`schedule` param) spans the fit's epoch count: a trial's epoch
-cap (early stopping may end it before the rate reaches 0), the refit's own epochs.
+cap (early stopping may end it before the rate reaches 0), the refit's own epochs. A
+whitening stem's filters (`whiten` param) are fitted to the fit's training rows only, a
+trial's or the refit's, before it starts (`model_for`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from pipeline import interrupts
-from pipeline.model import build_model
+from pipeline.model import build_model, set_whitening
 from pipeline.names import prefixed
 
 
@@ -48,18 +50,33 @@ class Images:
     def __len__(self):
         return int(self.y.shape[0])
 
-    def batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0):
-        """(uint8 images, labels) batches of `rows`, reshuffled each epoch when `shuffle`."""
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The uint8 images of `rows`, as a numpy array."""
+        if not self.tf:
+            return self.x[rows]
+        import tensorflow as tf
+
+        return tf.gather(self.x, rows).numpy()
+
+    def batches(self, rows: np.ndarray, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                flips: AlternatingFlips | None = None):
+        """(uint8 images, labels) batches of `rows`, reshuffled each epoch when `shuffle`, each
+        image flipped as `flips` says for the epoch (its callback must be in the fit's)."""
         rows = np.asarray(rows, np.int64)
         if not self.tf:
-            return RowBatches(self.x, self.y, rows, batch_size, shuffle, seed)
+            return RowBatches(self.x, self.y, rows, batch_size, shuffle, seed, flips)
         import tensorflow as tf
 
         ds = tf.data.Dataset.from_tensor_slices(rows)
         if shuffle:
             ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
         x, y = self.x, self.y
-        ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(PREFETCH)
+
+        def read(i):
+            images = tf.gather(x, i)
+            return (images if flips is None else flips.tf_flip(images, i)), tf.gather(y, i)
+
+        ds = ds.batch(batch_size).map(read).prefetch(PREFETCH)
         return ds.with_options(_not_autotuned())
 
 
@@ -78,14 +95,56 @@ def _not_autotuned():
     return options
 
 
+class AlternatingFlips(keras.callbacks.Callback):
+    """airbench's alternating flips (`augment_flip: alternating`), applied where the batches
+    are read: each of the pool's `n_images` images gets a random flip state once (seeded);
+    an image is read flipped horizontally as its state says in even epochs (so epoch 0 flips
+    a random half) and the other way in odd ones, so every image is seen both ways in every
+    two epochs. As a callback of the fit it learns the epoch before the epoch's batches are
+    read (Keras makes each epoch's iterator after `on_epoch_begin`)."""
+
+    def __init__(self, n_images: int, seed: int):
+        super().__init__()
+        self.state, self.epoch = np.random.default_rng(seed).random(n_images) < 0.5, 0
+        self.tf_state = self.tf_epoch = None
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            with tf.device("/CPU:0"):
+                self.tf_state, self.tf_epoch = tf.constant(self.state), tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        if self.tf_epoch is not None:
+            self.tf_epoch.assign(epoch)
+
+    def flip(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The numpy `images` of pool `rows`, flipped as this epoch says."""
+        flipped = self.state[rows] != (self.epoch % 2 == 1)
+        return np.where(flipped[:, None, None, None], images[:, :, ::-1], images)
+
+    def tf_flip(self, images, rows):
+        """`flip` in a tf.data pipeline (the epoch read when a batch is made)."""
+        import tensorflow as tf
+
+        flipped = tf.not_equal(tf.gather(self.tf_state, rows), tf.equal(self.tf_epoch % 2, 1))
+        return tf.where(flipped[:, None, None, None], tf.reverse(images, [2]), images)
+
+
+def alternating_flips(params: dict, images: Images, seed: int) -> AlternatingFlips | None:
+    """The fit's AlternatingFlips over the pool `images`, if `augment_flip` is alternating."""
+    return AlternatingFlips(len(images), seed) if params.get("augment_flip") == "alternating" else None
+
+
 class RowBatches(keras.utils.PyDataset):
     """Batches of numpy rows by index, for the JAX and PyTorch backends: batch i gathers
     `batch_size` rows of the (optionally shuffled) row order; the order is redrawn after each
-    epoch from a generator seeded once."""
+    epoch from a generator seeded once; `flips` (AlternatingFlips or None) flips images."""
 
-    def __init__(self, x, y, rows, batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, x, y, rows, batch_size: int, shuffle: bool, seed: int, flips=None):
         super().__init__()
         self.x, self.y, self.rows, self.batch_size, self.shuffle = x, y, rows, batch_size, shuffle
+        self.flips = flips
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(rows) if shuffle else rows
 
@@ -94,7 +153,8 @@ class RowBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         index = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-        return self.x[index], self.y[index]
+        images = self.x[index] if self.flips is None else self.flips.flip(self.x[index], index)
+        return images, self.y[index]
 
     def on_epoch_end(self):
         if self.shuffle:
@@ -109,8 +169,8 @@ class Split:
     train_rows: np.ndarray
     val_rows: np.ndarray
 
-    def train_batches(self, batch_size: int, seed: int = 0):
-        return self.images.batches(self.train_rows, batch_size, shuffle=True, seed=seed)
+    def train_batches(self, batch_size: int, seed: int = 0, flips: AlternatingFlips | None = None):
+        return self.images.batches(self.train_rows, batch_size, shuffle=True, seed=seed, flips=flips)
 
     def val_batches(self, batch_size: int):
         return self.images.batches(self.val_rows, batch_size)
@@ -131,6 +191,17 @@ def scheduled_model(params: dict, input_shape: tuple, n_classes: int, train_imag
     """`build_model` with the schedule spanning `epochs` passes over `train_images` images."""
     steps_per_epoch = math.ceil(train_images / params.get("batch_size", 32))
     return build_model(params, input_shape, n_classes, total_steps=epochs * steps_per_epoch)
+
+
+def model_for(params: dict, input_shape: tuple, n_classes: int, images: Images, rows: np.ndarray,
+              epochs: int) -> keras.Model:
+    """The model a fit of `epochs` passes over the training `rows` of `images` starts from:
+    `scheduled_model`, with a whitening stem's filters (`whiten`) fitted to those rows, never
+    to validation or test rows (pipeline.model.set_whitening)."""
+    model = scheduled_model(params, input_shape, n_classes, len(rows), epochs)
+    if params.get("whiten", False):
+        set_whitening(model, images.take(rows))
+    return model
 
 
 class StopOnSignal(keras.callbacks.Callback):
@@ -232,16 +303,17 @@ def train(
 ) -> dict:
     """Fit a fresh model on `split` and return the best epoch's metrics."""
     fresh_start(seed)
-    model = scheduled_model(params, input_shape, n_classes, len(split.train_rows), epochs)
+    model = model_for(params, input_shape, n_classes, split.images, split.train_rows, epochs)
     mode = "max" if direction == "maximize" else "min"
     early = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
     batch_size = params.get("batch_size", 32)
+    flips = alternating_flips(params, split.images, seed)
     with forget_custom_gradients():
         history = model.fit(
-            split.train_batches(batch_size, seed),
+            split.train_batches(batch_size, seed, flips),
             validation_data=split.val_batches(batch_size),
             epochs=epochs,
-            callbacks=[*(callbacks or []), early, StopOnSignal()],
+            callbacks=[*(callbacks or []), early, StopOnSignal(), *([flips] if flips else [])],
             shuffle=False,  # the train batches reshuffle themselves
             verbose=0,
         ).history
@@ -259,9 +331,11 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
     fresh_start(seed)
     if stop_at is not None:
         callbacks = [*(callbacks or []), StopAt(stop_at)]
-    model = scheduled_model(params, input_shape, n_classes, len(y), epochs)
     images = Images(x, y)
-    batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed)
+    model = model_for(params, input_shape, n_classes, images, np.arange(len(images)), epochs)
+    flips = alternating_flips(params, images, seed)
+    batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed, flips=flips)
     with forget_custom_gradients():
-        model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal()], shuffle=False, verbose=0)
+        model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal(), *([flips] if flips else [])],
+                  shuffle=False, verbose=0)
     return model

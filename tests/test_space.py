@@ -102,7 +102,7 @@ dense: {units: {low: 10, high: 20}}
         (GOOD + "augment: {translate: -2}\n", "key 'augment.translate': -2 must be >= 0 pixels"),
         (GOOD + "augment: {cutout: 2.5}\n", "key 'augment.cutout': expected int"),
         (GOOD + "augment: {rotate: 10}\n", "unknown key(s) ['rotate'] in 'augment'"),
-        (GOOD + "head: max\n", "key 'head': 'max' must be one of ('flatten', 'global_avg')"),
+        (GOOD + "head: max\n", "key 'head': 'max' must be one of ('flatten', 'global_avg', 'global_max')"),
         (GOOD.replace("pool_size: 2}", "pool_size: 2, residual: yes please}"), "key 'first_block.residual': expected bool"),
         (GOOD + "training: {schedule: linear}\n", "key 'training.schedule': 'linear' must be one of"),
         (GOOD + "training: {warmup: 1.0}\n", "key 'training.warmup': 1.0 must be in [0, 1)"),

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from pipeline.budget.plan import Cost
-from pipeline.train import Images, scheduled_model
+from pipeline.train import Images, model_for
 
 WARMUP, BATCHES = 3, 20  # batches untimed (tracing, caches), then timed
 
@@ -38,8 +38,8 @@ def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed:
     take = np.asarray(rows)[: batch_size * (WARMUP + BATCHES)]
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
-    model = scheduled_model(params, input_shape, n_classes, len(take), 1)
     images = Images(x[take], y[take])
+    model = model_for(params, input_shape, n_classes, images, np.arange(len(take)), 1)
     clock = _BatchClock()
     model.fit(images.batches(np.arange(len(take)), batch_size, shuffle=True, seed=seed), epochs=1,
               callbacks=[clock], shuffle=False, verbose=0)

@@ -1,0 +1,386 @@
+"""Issue 20, item 1: the fast-CIFAR-10 techniques (airbench, Page's ResNet-9) as space keys.
+Each key validates with a one-line error naming file and key, is absent from the params of
+spaces that do not name it (today's models unchanged), builds, fits one epoch of tiny real
+data, shows in the dry run, and survives a keras.saving round trip; and does what it says."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import optuna
+import pytest
+import yaml
+from conftest import ROOT
+
+from pipeline.dry_run import dry_run
+from pipeline.errors import PipelineError
+from pipeline.model import BoostedBatchNorm, Dirac, Whitening, build_model, set_whitening, whitening_filters
+from pipeline.space import load_space
+from pipeline.train import AlternatingFlips, Images, KeepModel, RowBatches, train, validation_splits
+from pipeline.warm_start import load_configurations
+
+SHAPE, CLASSES = (16, 16, 3), 4
+# two batch-normed blocks (two convs, then one) and one hidden dense layer, for tiny 16x16 colour images
+BASE = {"depth": 2,
+        "conv1_filters": 8, "conv1_kernel_size": 3, "conv1_pool_size": 2, "conv1_convs": 2, "conv1_batch_norm": True,
+        "conv1_pooling": "max", "conv1_dropout": 0.0,
+        "conv2_filters": 16, "conv2_kernel_size": 3, "conv2_pool_size": 2, "conv2_convs": 1, "conv2_batch_norm": True,
+        "conv2_pooling": "max", "conv2_dropout": 0.0,
+        "dense_layers": 1, "dense_units": 16, "dense_dropout": 0.0,
+        "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
+# every key of this file switched on
+NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
+       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac",
+       "whiten": True, "whiten_kernel": 2, "augment_flip": "alternating"}
+NEW_PARAMS = set(NEW) - {"head", "augment_flip"}  # params no space had (head, augment_flip had other values)
+NEW_TOP = {k: v for k, v in NEW.items() if k != "augment_flip"}  # the top-level settings
+BLOCKS = """
+depth: 2
+first_block: {filters: 8, kernel_size: 3, pool_size: 2, batch_norm: true, convs: 2}
+later_blocks: {filters: 16, kernel_size: 3, pool_size: 2, batch_norm: true}
+"""
+TRAINING = """
+dense: {units: 16}
+training: {optimizer: nesterov, learning_rate: 0.05, batch_size: 32}
+"""
+ALL_SPACE = BLOCKS + TRAINING + yaml.safe_dump(NEW_TOP) + "augment: {flip: alternating}\n"  # every key fixed on
+SPACE = BLOCKS + TRAINING + """
+activation: [relu, gelu]
+head: [flatten, global_max]
+head_scale: {low: 0.05, high: 0.2}
+bn_scale: [true, false]
+bn_momentum: {low: 0.4, high: 0.9}
+bn_bias_lr: [1.0, 64.0]
+block_order: [conv_bn_act, conv_pool_bn_act]
+conv_init: [default, dirac]
+whiten: [false, true]
+whiten_kernel: [2, 3]
+augment: {flip: [false, true, alternating]}
+"""
+GOOD = """
+depth: 1
+first_block: {filters: 8, kernel_size: 3, pool_size: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """64 random uint8 16x16 colour images, 4 classes."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (64, *SHAPE), dtype=np.uint8), np.arange(64) % CLASSES
+
+
+def fitted(params: dict, tiny) -> keras.Model:
+    """The model of `params` after one epoch on the tiny images."""
+    keras.utils.set_random_seed(0)
+    model = build_model(params, SHAPE, CLASSES)
+    set_whitening(model, tiny[0])  # as pipeline.train does
+    history = model.fit(*tiny, epochs=1, batch_size=32, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    return model
+
+
+def space_file(tmp_path, text: str):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (GOOD + "activation: tanh\n", "key 'activation': 'tanh' must be one of ('relu', 'gelu')"),
+    (GOOD + "activation: [relu, 3]\n", "key 'activation': expected str, got 3"),
+    (GOOD + "head: global_min\n", "key 'head': 'global_min' must be one of ('flatten', 'global_avg', 'global_max')"),
+    (GOOD + "head_scale: 0\n", "key 'head_scale': 0 must be > 0"),
+    (GOOD + "head_scale: ninth\n", "key 'head_scale': expected float, got 'ninth'"),
+    (GOOD + "bn_scale: 1\n", "key 'bn_scale': expected bool, got 1"),
+    (GOOD + "bn_momentum: 1.0\n", "key 'bn_momentum': 1.0 must be in [0, 1)"),
+    (GOOD + "bn_bias_lr: [1, -64]\n", "key 'bn_bias_lr': -64 must be > 0"),
+    (GOOD + "block_order: conv_act_bn\n", "key 'block_order': 'conv_act_bn' must be one of ('conv_bn_act', "
+                                            "'conv_pool_bn_act')"),
+    (GOOD + "conv_init: he\n", "key 'conv_init': 'he' must be one of ('default', 'dirac')"),
+    (GOOD + "whiten: [true, 0]\n", "key 'whiten': expected bool, got 0"),
+    (GOOD + "whiten_kernel: 0\n", "key 'whiten_kernel': 0 must be >= 1"),
+    (GOOD + "augment: {flip: sometimes}\n", "key 'augment.flip': 'sometimes' must be true, false or 'alternating'"),
+    (GOOD + "augment: {flip: [true, 2]}\n", "key 'augment.flip': expected bool or str, got 2"),
+])
+def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, text, fragment):
+    path = space_file(tmp_path, text)
+    with pytest.raises(PipelineError) as error:
+        load_space(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and fragment in message and "\n" not in message, message
+
+
+def test_spaces_that_do_not_name_the_keys_have_none_of_their_params():
+    for name in ("seed", "wide", "modern", "cifar10", "gpu"):
+        space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(5):
+            trial = study.ask()
+            params = space.sample(trial)
+            assert not NEW_PARAMS & set(params) and params.get("head") != "global_max", name
+            assert params.get("augment_flip") in (None, True, False), name
+            study.tell(trial, 0.0)
+        assert not NEW_PARAMS & set(space.complete({"depth": 1})), name
+
+
+def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(tmp_path):
+    space = load_space(space_file(tmp_path, SPACE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen, flips = set(), set()
+    for _ in range(12):
+        trial = study.ask()
+        params = space.sample(trial)
+        assert space.violations(params) == [] and set(NEW) <= set(params)
+        seen.update((params["activation"], params["head"], params["block_order"], params["conv_init"]))
+        flips.add(params["augment_flip"])
+        study.tell(trial, 0.0)
+    assert seen == {"relu", "gelu", "flatten", "global_max", "conv_bn_act", "conv_pool_bn_act", "default", "dirac"}
+    assert flips == {False, True, "alternating"}
+    short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
+    assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
+    full = space.complete(short)
+    keys = ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init", "whiten", "whiten_kernel",
+            "augment_flip")
+    assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", False, 2, False]
+
+
+def test_a_configuration_with_every_key_is_a_valid_warm_start_and_baseline(tmp_path):
+    path = space_file(tmp_path, ALL_SPACE)
+    space = load_space(path)
+    warm = tmp_path / "warm.yaml"
+    config = {k: v for k, v in {**BASE, **NEW}.items() if not k.endswith(("_pooling", "_dropout"))}  # defaults
+    warm.write_text(yaml.safe_dump({"search_space": str(path), "configurations": {"airbench_like": config}}))
+    _, configs = load_configurations(warm)  # what warm starts and baselines read: completed, validated
+    assert {k: configs["airbench_like"][k] for k in NEW} == NEW and space.violations(configs["airbench_like"]) == []
+    warm.write_text(yaml.safe_dump({"search_space": str(path), "configurations": {"x": {**config, "bn_momentum": 0.5}}}))
+    with pytest.raises(PipelineError, match="bn_momentum=0.5 is outside the space"):
+        load_configurations(warm)
+
+
+def test_a_model_with_every_key_compiles_with_xla_on_tensorflow(tiny):
+    model = build_model({**BASE, **NEW}, SHAPE, CLASSES)
+    set_whitening(model, tiny[0])
+    model.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"], jit_compile=True)
+    assert model.jit_compile and np.isfinite(model.fit(*tiny, epochs=1, batch_size=32, verbose=0).history["loss"][0])
+
+
+def test_defaults_build_todays_model():
+    today = build_model(BASE, SHAPE, CLASSES)
+    explicit = build_model({**BASE, "activation": "relu"}, SHAPE, CLASSES)
+    assert [layer.get_config() | {"name": ""} for layer in today.layers] == [
+        layer.get_config() | {"name": ""} for layer in explicit.layers]
+
+
+def test_gelu_is_the_activation_of_every_conv_and_hidden_dense_layer(tiny):
+    model = fitted({**BASE, "activation": "gelu"}, tiny)
+    acts = [layer.get_config()["activation"] for layer in model.layers
+            if isinstance(layer, (keras.layers.Activation, keras.layers.Dense)) and layer.name != "probabilities"]
+    assert acts == ["gelu"] * 4, acts  # after each of the three convs, and the hidden dense layer
+
+
+def test_the_dry_run_shows_every_key(tmp_path, settings, digits, capsys):
+    space = load_space(space_file(tmp_path, ALL_SPACE))
+    dry_run(space, digits, settings.replace(samples=1))
+    out = capsys.readouterr().out
+    for key, value in NEW.items():
+        assert f" {key}={value}" in out, key
+
+
+def test_a_model_with_every_key_saved_and_loaded_predicts_the_same(tiny, tmp_path):
+    model = fitted({**BASE, **NEW}, tiny)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    stem = model.get_layer("whitening").kernel
+    np.testing.assert_array_equal(loaded.get_layer("whitening").kernel, stem)  # the fitted filters were saved
+    assert np.abs(keras.ops.convert_to_numpy(stem)).max() > 1
+    np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
+
+
+def test_the_global_max_head_is_a_scaled_bias_free_layer_on_max_pooled_features(tiny):
+    model = fitted({**BASE, "dense_layers": 0, "head": "global_max", "head_scale": 0.125}, tiny)
+    pooled = next(layer for layer in model.layers if isinstance(layer, keras.layers.GlobalMaxPooling2D))
+    logits = model.get_layer("logits")
+    assert not logits.use_bias and [w.shape for w in logits.weights] == [(16, CLASSES)]
+    features = keras.Model(model.inputs, pooled.output).predict(tiny[0], verbose=0)
+    assert features.shape == (64, 16)
+    expected = keras.ops.convert_to_numpy(keras.activations.softmax(0.125 * features @ logits.get_weights()[0]))
+    np.testing.assert_allclose(model.predict(tiny[0], verbose=0), expected, rtol=1e-4, atol=1e-6)
+    default = build_model({**BASE, "head": "global_max"}, SHAPE, CLASSES)
+    assert default.get_layer("logit_scale").scale == pytest.approx(1 / 9)
+
+
+def batch_norms(model) -> list:
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_bn_scale_false_has_no_gamma_and_bn_momentum_sets_every_bn(tiny):
+    model = fitted({**BASE, "bn_scale": False, "bn_momentum": 0.6, "conv1_residual": True}, tiny)
+    norms = batch_norms(model)
+    assert len(norms) == 4  # three convs and the residual's 1x1 projection
+    for layer in norms:
+        assert layer.gamma is None and layer.momentum == 0.6
+        assert sorted(w.path.split("/")[-1] for w in layer.weights) == ["beta", "moving_mean", "moving_variance"]
+    assert all(layer.gamma is not None and layer.momentum == 0.9 for layer in batch_norms(build_model(BASE, SHAPE, 4)))
+
+
+def offsets(model) -> np.ndarray:
+    """The first batch norm's effective offset."""
+    layer = batch_norms(model)[0]
+    if isinstance(layer, BoostedBatchNorm):
+        return np.sqrt(layer.bias_lr) * keras.ops.convert_to_numpy(layer.raw_beta)
+    return keras.ops.convert_to_numpy(layer.beta)
+
+
+@pytest.mark.parametrize("optimizer, factor", [("sgd", 16.0), ("adam", 4.0)])
+def test_bn_bias_lr_multiplies_the_offsets_step(tiny, optimizer, factor):
+    """One step from the same weights: under SGD the offset moves bias_lr (16) times as far
+    as without the boost; under Adam, whose first step is lr x sign(gradient), sqrt(16) = 4 times."""
+    x, y = tiny
+    steps, kernels = [], []
+    for bias_lr in (1.0, 16.0):
+        keras.utils.set_random_seed(0)
+        model = build_model({**BASE, "optimizer": optimizer, "learning_rate": 0.01, "bn_bias_lr": bias_lr}, SHAPE, 4)
+        kernels.append([keras.ops.convert_to_numpy(layer.kernel) for layer in model.layers if hasattr(layer, "kernel")])
+        model.train_on_batch(x[:32], y[:32])
+        steps.append(offsets(model))
+    assert isinstance(batch_norms(model)[0], BoostedBatchNorm)
+    np.testing.assert_allclose(steps[1], factor * steps[0], rtol=1e-3, atol=1e-7)
+    assert np.abs(steps[0]).max() > 1e-4
+    assert all(np.array_equal(a, b) for a, b in zip(*kernels))  # both started from the same weights
+
+
+def test_block_order_conv_pool_bn_act_pools_after_each_blocks_first_conv(tiny):
+    model = fitted({**BASE, "block_order": "conv_pool_bn_act", "conv1_residual": True}, tiny)
+    kinds = [type(layer).__name__ for layer in model.layers][2:-3]  # between Rescaling and the head
+    assert kinds == ["Conv2D", "MaxPooling2D", "BatchNormalization", "Activation",
+                     "Conv2D", "BatchNormalization", "Activation", "Add",  # the first stage's output added
+                     "Conv2D", "MaxPooling2D", "BatchNormalization", "Activation"], kinds
+    assert model.layers[-4].output.shape == (None, 4, 4, 16)  # each block halved the side once, as today
+    today = [type(layer).__name__ for layer in build_model(BASE, SHAPE, 4).layers][2:-3]
+    assert today == ["Conv2D", "BatchNormalization", "Activation", "Conv2D", "BatchNormalization", "Activation",
+                     "MaxPooling2D", "Conv2D", "BatchNormalization", "Activation", "MaxPooling2D"], today
+
+
+@pytest.mark.parametrize("size, inputs, filters", [(3, 4, 6), (3, 6, 4), (2, 3, 5), (1, 8, 16)])
+def test_a_dirac_conv_passes_its_first_channels_through_and_the_rest_is_glorot(size, inputs, filters):
+    kernel = keras.ops.convert_to_numpy(Dirac(seed=1)((size, size, inputs, filters)))
+    n, centre = min(inputs, filters), (size - 1) // 2
+    expected = np.zeros((size, size, inputs, n))
+    expected[centre, centre, range(n), range(n)] = 1
+    np.testing.assert_array_equal(kernel[..., :n], expected)
+    limit = np.sqrt(6 / (size * size * (inputs + filters)))  # Glorot-uniform's bound on the rest
+    if filters > inputs:
+        assert 0 < np.abs(kernel[..., n:]).max() <= limit
+    conv = keras.layers.Conv2D(filters, size, padding="same", use_bias=False, kernel_initializer=Dirac())
+    x = np.random.default_rng(0).normal(size=(2, 7, 7, inputs)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(conv(x))[..., :n], x[..., :n], atol=1e-6)
+
+
+def test_conv_init_dirac_initialises_every_block_conv(tiny):
+    model = build_model({**BASE, "conv_init": "dirac", "conv1_residual": True}, SHAPE, CLASSES)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert len(convs) == 4 and all(isinstance(c.kernel_initializer, Dirac) for c in convs)
+    first = keras.ops.convert_to_numpy(convs[0].kernel)  # 3 input channels, 8 filters
+    assert first[1, 1, range(3), range(3)].tolist() == [1, 1, 1] and first[..., :3].sum() == 3
+    assert not any(isinstance(c.kernel_initializer, Dirac) for c in build_model(BASE, SHAPE, CLASSES).layers
+                   if isinstance(c, keras.layers.Conv2D))
+
+
+def correlated_images(n: int, seed: int) -> np.ndarray:
+    """uint8 16x16 colour images whose neighbouring pixels and channels are strongly
+    correlated (4x4 blocks of one value, a shared grey level) plus some independent noise."""
+    rng = np.random.default_rng(seed)
+    blocks = np.repeat(np.repeat(rng.uniform(0, 150, (n, 4, 4, 1)), 4, axis=1), 4, axis=2)
+    colour = rng.uniform(0, 50, (n, 1, 1, 3))
+    return (blocks + colour + rng.uniform(0, 55, (n, 16, 16, 3))).astype(np.uint8)
+
+
+def patches(images: np.ndarray, k: int) -> np.ndarray:
+    windows = np.lib.stride_tricks.sliding_window_view(images / 255, (k, k), axis=(1, 2))
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, k * k * images.shape[-1])
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_whitening_stem_whitens_its_training_patches(k):
+    x = correlated_images(64, 0)
+    d = k * k * 3
+    assert np.abs(np.corrcoef(patches(x, k).T) - np.eye(d)).max() > 0.5  # far from white before
+    stem = Whitening(k)
+    stem.build((None, *SHAPE))
+    kernel, bias = whitening_filters(x, k)
+    assert kernel.shape == (k, k, 3, 2 * d) and bias.shape == (2 * d,)
+    stem.kernel.assign(kernel)
+    stem.bias.assign(bias)
+    out = keras.ops.convert_to_numpy(stem(x.astype("float32") / 255))
+    assert out.shape == (64, 17 - k, 17 - k, 2 * d)
+    out = out.reshape(-1, 2 * d)
+    np.testing.assert_allclose(np.cov(out[:, :d].T, bias=True), np.eye(d), atol=0.02)
+    np.testing.assert_allclose(out[:, :d].mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(out[:, d:], -out[:, :d], atol=1e-5)  # the negatives
+    assert stem.trainable_weights == [stem.bias] and stem.non_trainable_weights == [stem.kernel]
+
+
+def test_the_whitening_filters_come_from_the_trials_training_rows_only():
+    x, y = correlated_images(80, 1), np.arange(80) % CLASSES
+    split = validation_splits(x, y, 1, 0.25, 0)[0]
+    params = {**BASE, "whiten": True, "dense_layers": 0}
+    stems = []
+    for val_images in (x[split.val_rows], correlated_images(20, 2)):  # other validation rows, same training rows
+        changed = x.copy()
+        changed[split.val_rows] = val_images
+        keep = KeepModel()
+        other = validation_splits(changed, y, 1, 0.25, 0)[0]
+        assert np.array_equal(other.train_rows, split.train_rows)
+        train(params, other, SHAPE, CLASSES, epochs=1, callbacks=[keep])
+        stems.append(keras.ops.convert_to_numpy(keep.model.get_layer("whitening").kernel))
+    np.testing.assert_array_equal(stems[0], stems[1])  # frozen: training left them as they were fitted
+    np.testing.assert_allclose(stems[0], whitening_filters(x[split.train_rows], 2)[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(stems[0], whitening_filters(x, 2)[0], atol=1e-3)  # all rows would give others
+
+
+@pytest.mark.parametrize("reader", ["pipeline", "numpy"])
+def test_alternating_flips_flip_a_random_half_then_every_image_every_other_epoch(tiny, reader):
+    """The batches a fit reads (tf.data on TensorFlow; RowBatches, the JAX and PyTorch path)."""
+    x, y = tiny
+    rows = np.arange(8, 56)
+    flips = AlternatingFlips(len(x), seed=3)
+    if reader == "numpy":
+        batches = RowBatches(x, y, rows, 16, False, 0, flips)
+        read = lambda: [batches[i] for i in range(len(batches))]  # noqa: E731
+    else:
+        batches = Images(x, y).batches(rows, 16, flips=flips)
+        read = lambda: list(batches)  # noqa: E731
+    flipped = []
+    for epoch in range(4):
+        flips.on_epoch_begin(epoch)
+        images = np.concatenate([np.asarray(b[0]) for b in read()])
+        labels = np.concatenate([np.asarray(b[1]) for b in read()])
+        assert labels.tolist() == y[rows].tolist()
+        mirrored = np.array([np.array_equal(image, x[r][:, ::-1]) for image, r in zip(images, rows)])
+        assert all(np.array_equal(image, x[r]) for image, r in zip(images[~mirrored], rows[~mirrored]))
+        flipped.append(mirrored)
+    assert 0.25 < flipped[0].mean() < 0.75  # epoch 0: a random half
+    assert (flipped[1] == ~flipped[0]).all() and (flipped[2] == flipped[0]).all() and (flipped[3] == flipped[1]).all()
+
+
+def test_alternating_flips_are_the_datas_not_a_layer_and_train_fits_with_them(tiny):
+    kinds = lambda flip: {type(layer).__name__ for layer in build_model({**BASE, "augment_flip": flip}, SHAPE, 4).layers}  # noqa: E731
+    assert "RandomFlip" in kinds(True) and "RandomFlip" not in kinds("alternating")
+    split = validation_splits(*tiny, 1, 0.25, 0)[0]
+    metrics = train({**BASE, "augment_flip": "alternating"}, split, SHAPE, CLASSES, epochs=2)
+    assert metrics["epochs_run"] == 2 and np.isfinite(metrics["train_loss"])
+
+
+def test_every_key_trains_under_mixed_float16_with_float32_logits(tiny):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = fitted({**BASE, **NEW}, tiny)
+        assert model.get_layer("whitening").compute_dtype == "float16"
+        assert {layer.compute_dtype for layer in batch_norms(model)} == {"float16"}
+        assert [model.get_layer(name).compute_dtype for name in ("logits", "logit_scale", "probabilities")] == [
+            "float32"] * 3
+        assert model.outputs[0].dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
