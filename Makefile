@@ -9,8 +9,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 run: $(VENV)/.installed
 	mlflow run . --env-manager local
 
-test: lint $(VENV)/.jax
-	python -m pytest -q
+test: lint $(VENV)/.jax  # one pytest worker per core (pytest-xdist)
+	python -m pytest -q -n auto
 
 lint: $(VENV)/.installed  # settings: pyproject.toml's [tool.ruff]
 	ruff check .

@@ -99,18 +99,23 @@ def test_each_kind_of_bad_input_is_one_line_and_exit_2(tmp_path, tracking_uri, m
     assert fragment in err and "hunter2" not in err
 
 
-def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri):
+def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri, capsys):
+    """In this process (a traceback would be an exception out of `main`): a study, then bad
+    input against it, each a one-line error and exit 2, the study's trials untouched."""
+    from pipeline.cli import main
+
     storage = f"sqlite:///{tmp_path}/o.db"
     common = ["--storage", storage, "--study-name", "kept", "--epochs", "1"]
-    assert pipeline("search", *common, "--n-trials", "2").returncode == 0
+    assert main(["search", *common, "--n-trials", "2"]) == 0
     before = [(t.number, t.state, t.value) for t in optuna.load_study(study_name="kept", storage=storage).trials]
     broken = tmp_path / "broken.yaml"
     broken.write_text("depth: {low: 3, high: 1}\n")
+    capsys.readouterr()
     for bad in (["--search-space", str(broken)], ["--dataset", str(tmp_path / "missing")], ["--n-trials", "0"]):
-        result = pipeline("main", *common, *bad)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-    again = pipeline("main", *common, "--direction", "minimize")
-    assert again.returncode == 2 and "was made with direction='maximize'" in again.stderr
+        code, err = main(["main", *common, *bad]), capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    code, err = main(["main", *common, "--direction", "minimize"]), capsys.readouterr().err
+    assert code == 2 and "was made with direction='maximize'" in err
     after = [(t.number, t.state, t.value) for t in optuna.load_study(study_name="kept", storage=storage).trials]
     assert after == before and len(after) == 2
 
