@@ -419,6 +419,65 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
     return model
 
 
+@SERIALIZABLE
+class Mirror(layers.Layer):
+    """The images flipped left to right (a test-time view; `with_tta`)."""
+
+    def call(self, images):
+        return ops.flip(images, axis=2)
+
+
+@SERIALIZABLE
+class Shift(layers.Layer):
+    """The images shifted by `shift` pixels down and right (up and left when negative), the
+    border reflected in (a test-time view, airbench's; `with_tta`)."""
+
+    def __init__(self, shift: int, **kwargs):
+        super().__init__(**kwargs)
+        self.shift = int(shift)
+
+    def call(self, images):
+        s, height, width = abs(self.shift), images.shape[1], images.shape[2]
+        padded = ops.pad(images, [[0, 0], [s, s], [s, s], [0, 0]], mode="reflect")
+        start = s - self.shift
+        return padded[:, start:start + height, start:start + width, :]
+
+    def get_config(self):
+        return {**super().get_config(), "shift": self.shift}
+
+
+def tta_views(tta: str) -> list[tuple[float, list]]:
+    """(weight, layers applied in turn) of each test-time view of `tta`: `none` no views
+    (the model as it is), `flip` the image and its mirror, `flip_shift` airbench's six (half
+    the weight on the image and its mirror, half on both shifted one pixel either way)."""
+    if tta == "flip":
+        return [(0.5, []), (0.5, [Mirror()])]
+    if tta == "flip_shift":
+        shifted = [(0.125, [Shift(s), *mirror]) for s in (1, -1) for mirror in ([], [Mirror()])]
+        return [(0.25, []), (0.25, [Mirror()]), *shifted]
+    return []
+
+
+def with_tta(model: keras.Model, tta: str) -> keras.Model:
+    """`model` predicting the weighted mean of its probabilities over the `tta` views of each
+    image (`tta_views`; `none`: `model` itself). The result holds `model` and is what the refit
+    scores, logs and serves, so the served model predicts what `test_accuracy` measured."""
+    views = tta_views(tta)
+    if not views:
+        return model
+    pixels = keras.Input(shape=model.input_shape[1:], dtype=model.inputs[0].dtype, name="pixels")
+    outputs = []
+    for weight, steps in views:
+        view = pixels
+        for step in steps:
+            view = step(view)
+        outputs.append(layers.Rescaling(weight, dtype="float32")(model(view)))
+    return keras.Model(pixels, layers.Add(name="probabilities", dtype="float32")(outputs), name=f"{model.name}_tta")
+
+
+LATENCY_IMAGES = 256  # images `latency_ms` is timed on (a trial's validation rows, the refit's test rows)
+
+
 def latency_ms(model: keras.Model, x: np.ndarray, repeats: int = 5) -> float:
     """Inference milliseconds per image: the fastest of `repeats` timed forward passes over
     the batch `x` (after one warm-up pass), divided by its size."""

@@ -8,7 +8,8 @@ Only here is the held-out test split opened. Results go to the parent run: the t
 and test data as MLflow datasets, the wall seconds of the fit (`refit_seconds`), of
 predicting and scoring the test split (`test_seconds`) and of logging the report and
 models (`logging_seconds`), `best_<metric>`, `test_accuracy`,
-`test_{precision,recall,f1}_macro`, per-class scores, the classification report (text and
+`test_{precision,recall,f1}_macro`, the served model's `latency_ms` (milliseconds an image,
+its test-time augmentation `tta` included), per-class scores, the classification report (text and
 JSON) and confusion matrices (PNG, pipeline.report), and the models (pipeline.serving): the
 Keras model, and a pyfunc that answers with class names, registered as
 `registered_model_name` (a new version per refit).
@@ -24,6 +25,7 @@ from sklearn.metrics import accuracy_score, classification_report, precision_rec
 from pipeline import names
 from pipeline.best import best_trial
 from pipeline.config import Settings
+from pipeline.model import LATENCY_IMAGES, latency_ms, with_tta
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
 from pipeline.tracking import Tracker, log_datasets, log_metrics
@@ -70,6 +72,7 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     with tracker.system_metrics(run_id, resume=True):
         model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs,
                          seed=settings.seed, callbacks=callbacks, stop_at=stop_at)
+    model = with_tta(model, params.get("tta", "none"))  # what is scored is what is served
     tracker.flush(run_id)
     fitted = time.perf_counter()
 
@@ -83,6 +86,7 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     metrics["refit_epochs"] = epochs
     tested = time.perf_counter()
     metrics.update(refit_seconds=fitted - start, test_seconds=tested - fitted)
+    metrics[names.LATENCY_MS] = latency_ms(model, x_test[:LATENCY_IMAGES])
 
     log_metrics(client, run_id, metrics)
     client.set_tag(run_id, "best_trial_number", str(best.number))

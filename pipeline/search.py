@@ -34,14 +34,13 @@ from pipeline import names
 from pipeline.budget.plan import Cost, evaluation_seconds
 from pipeline.budget.rungs import DuplicatePromotion, duplicate_of, next_rung, promote, rung_of, study_rungs
 from pipeline.config import Settings
-from pipeline.model import latency_ms
+from pipeline.model import LATENCY_IMAGES, latency_ms
 from pipeline.recover import HOST, mark_owner, recover, settle
 from pipeline.study import counted_trials, deadline
 from pipeline.terminal import progress_bar
 from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, train, validation_splits
 
-LATENCY_IMAGES = 256  # validation images timed for `latency_ms`
 DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the deadline (Optuna's own clock starts later)
 
 

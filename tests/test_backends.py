@@ -75,6 +75,7 @@ def test_the_backend_setting_is_checked(monkeypatch, capsys):
 JAX_CIFAR_KEYS = """
 import json, sys
 import keras, numpy as np
+from pipeline.model import with_tta
 from pipeline.train import KeepModel, train, validation_splits
 assert keras.backend.backend() == "jax" and "tensorflow" not in sys.modules
 params = json.loads(sys.argv[1])
@@ -83,16 +84,18 @@ x, y = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8), np.arange(64) % 4
 keep = KeepModel()
 metrics = train(params, validation_splits(x, y, 1, 0.25, 0)[0], (16, 16, 3), 4, epochs=1, callbacks=[keep])
 assert metrics["epochs_run"] == 1 and np.isfinite(metrics["train_loss"]), metrics
-keep.model.save(sys.argv[2])
+served = with_tta(keep.model, params["tta"])  # as the refit serves it
+served.save(sys.argv[2])
 loaded = keras.saving.load_model(sys.argv[2])
-np.testing.assert_allclose(loaded.predict(x, verbose=0), keep.model.predict(x, verbose=0), atol=1e-6)
+np.testing.assert_allclose(loaded.predict(x, verbose=0), served.predict(x, verbose=0), atol=1e-6)
 print("fitted, saved and loaded on jax")
 """
 
 
 def test_the_fast_cifar_keys_fit_save_and_load_on_jax(tmp_path, monkeypatch):
     """Every key of tests/test_cifar_keys.py (issue 20) on JAX, without TensorFlow: one epoch of
-    tiny data, the saved model loads and predicts the same. PyTorch is not installed here."""
+    tiny data, the saved model (with its test-time views) loads and predicts the same. PyTorch
+    is not installed here."""
     from test_cifar_keys import BASE, NEW
 
     monkeypatch.setenv("PYTHONPATH", WITHOUT_TF)

@@ -5,6 +5,8 @@ data, shows in the dry run, and survives a keras.saving round trip; and does wha
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import optuna
@@ -14,7 +16,8 @@ from conftest import ROOT
 
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
-from pipeline.model import BoostedBatchNorm, Dirac, Whitening, build_model, set_whitening, whitening_filters
+from pipeline.model import (BoostedBatchNorm, Dirac, Whitening, build_model, latency_ms, set_whitening,
+                            whitening_filters, with_tta)
 from pipeline.space import load_space
 from pipeline.train import AlternatingFlips, Images, KeepModel, RowBatches, train, validation_splits
 from pipeline.warm_start import load_configurations
@@ -31,7 +34,7 @@ BASE = {"depth": 2,
 # every key of this file switched on
 NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
        "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac",
-       "whiten": True, "whiten_kernel": 2, "augment_flip": "alternating"}
+       "whiten": True, "whiten_kernel": 2, "tta": "flip_shift", "augment_flip": "alternating"}
 NEW_PARAMS = set(NEW) - {"head", "augment_flip"}  # params no space had (head, augment_flip had other values)
 NEW_TOP = {k: v for k, v in NEW.items() if k != "augment_flip"}  # the top-level settings
 BLOCKS = """
@@ -55,6 +58,7 @@ block_order: [conv_bn_act, conv_pool_bn_act]
 conv_init: [default, dirac]
 whiten: [false, true]
 whiten_kernel: [2, 3]
+tta: [none, flip, flip_shift]
 augment: {flip: [false, true, alternating]}
 """
 GOOD = """
@@ -384,3 +388,52 @@ def test_every_key_trains_under_mixed_float16_with_float32_logits(tiny):
         assert model.outputs[0].dtype == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def _shifted(x: np.ndarray, shift: int) -> np.ndarray:
+    """numpy: `x` shifted `shift` pixels down and right, the border reflected in."""
+    s = abs(shift)
+    padded = np.pad(x, [(0, 0), (s, s), (s, s), (0, 0)], mode="reflect")
+    start = s - shift
+    return padded[:, start:start + x.shape[1], start:start + x.shape[2]]
+
+
+def test_tta_averages_the_models_probabilities_over_its_views_and_saves_with_them(tiny, tmp_path):
+    x = tiny[0][:8]
+    model = fitted(BASE, tiny)
+    assert with_tta(model, "none") is model
+    p = lambda images: model.predict(images, verbose=0)  # noqa: E731
+    mirror = x[:, :, ::-1]
+    flip = with_tta(model, "flip")
+    np.testing.assert_allclose(flip.predict(x, verbose=0), (p(x) + p(mirror)) / 2, atol=1e-6)
+    six = with_tta(model, "flip_shift")
+    shifted = [v for s in (1, -1) for v in (_shifted(x, s), _shifted(x, s)[:, :, ::-1])]  # airbench: shift, then mirror
+    assert not np.array_equal(shifted[0], x)
+    expected = (p(x) + p(mirror)) / 4 + sum(p(v) for v in shifted) / 8
+    np.testing.assert_allclose(six.predict(x, verbose=0), expected, atol=1e-6)
+    assert six.predict(x, verbose=0).sum(axis=1) == pytest.approx(1.0, abs=1e-5)
+    six.save(tmp_path / "tta.keras")
+    loaded = keras.saving.load_model(tmp_path / "tta.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
+    assert latency_ms(six, x) > latency_ms(model, x) > 0, "six views cost more than one"
+
+
+def test_a_refit_with_tta_scores_and_serves_the_averaged_model(tmp_path, settings, digits):
+    """The refit scores the TTA model on the test split and registers it: the served model's
+    probabilities are the flip-averaged ones, and its `latency_ms` is logged."""
+    import mlflow
+
+    from pipeline.cli import run
+
+    space = tmp_path / "tta.yaml"
+    space.write_text((ROOT / "search_spaces" / "seed.yaml").read_text() + "\ntta: flip\n")
+    s = dataclasses.replace(settings, search_space=str(space), n_trials=2, epochs=1, registered_model_name="tta-model")
+    metrics = run("main", s, data=digits)
+    assert metrics["test_accuracy"] > 0.3 and metrics["latency_ms"] > 0
+    served = mlflow.pyfunc.load_model("models:/tta-model/1")
+    x = digits.test.x[:16]
+    inner = [layer for layer in served.unwrap_python_model().model.layers if isinstance(layer, keras.Model)]
+    assert len(inner) == 1, "the served model holds the trained model inside its views"
+    p = lambda images: inner[0].predict(images, verbose=0)  # noqa: E731
+    answer = served.predict(x)[[f"p_{c}" for c in digits.class_names]].to_numpy()
+    np.testing.assert_allclose(answer, (p(x) + p(x[:, :, ::-1])) / 2, atol=1e-5)
