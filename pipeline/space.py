@@ -43,6 +43,7 @@ ACTIVATIONS = ("relu", "gelu")
 BLOCK_ORDERS = ("conv_bn_act", "conv_pool_bn_act")
 CONV_INITS = ("default", "dirac")
 TTAS = ("none", "flip", "flip_shift")
+WEIGHT_AVERAGES = ("none", "ema")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")
@@ -101,6 +102,7 @@ TOP_SETTINGS = {  # top-level keys that are settings
     "whiten": (bool, *_FLAG),
     "whiten_kernel": (int, *_POSITIVE),
     "tta": _one_of(TTAS),
+    "weight_average": _one_of(WEIGHT_AVERAGES),
 }
 DEFAULTS = {
     "block": {"convs": 1, "pooling": "max", "batch_norm": False, "dropout": 0.0},
@@ -122,7 +124,8 @@ OPTIONAL_DEFAULTS = {
     "augment": {"flip": False, "translate": 0, "cutout": 0},
     "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9, "bn_scale": True, "bn_momentum": 0.9,
             "bn_bias_lr": 1.0, "block_order": "conv_bn_act", "conv_init": "default",
-            "whiten": False, "whiten_kernel": 2, "tta": "none"},
+            "whiten": False, "whiten_kernel": 2, "tta": "none",
+            "weight_average": "none"},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,
             "augment": AUGMENT_KEYS}

@@ -136,6 +136,71 @@ def alternating_flips(params: dict, images: Images, seed: int) -> AlternatingFli
     return AlternatingFlips(len(images), seed) if params.get("augment_flip") == "alternating" else None
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """airbench's weight averaging (`weight_average: ema`; its "lookahead"): every `every`
+    steps the average of all the model's weights, batch norm's moving statistics included (so
+    they match the averaged weights, as airbench averages its whole state), moves towards the
+    current ones, a <- d a + (1 - d) w, with a decay d = `base` ** `every` x progress ** 3 that
+    grows from 0 (the average is the current weights early on) to about 0.77 at the fit's end.
+    The averaged weights are what is validated (swapped in for each validation), what an
+    epoch ends with (so early stopping keeps and restores them, and pruning sees their
+    scores), and what the fit returns; training steps on the current weights. Must come
+    before the callbacks that read the model at an epoch's end."""
+
+    def __init__(self, every: int = 5, base: float = 0.95):
+        super().__init__()
+        self.every, self.base = every, base
+        self.average = self.current = None
+        self.step = 0
+
+    def on_train_begin(self, logs=None):
+        self.average, self.step = self.model.get_weights(), 0
+        self.total = max(1, (self.params.get("steps") or 1) * (self.params.get("epochs") or 1))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every == 0:
+            if hasattr(self.model, "jax_state_sync"):  # JAX: the step's weights back into the model
+                self.model.jax_state_sync()
+            decay = self.base ** self.every * min(self.step / self.total, 1.0) ** 3
+            self.average = [decay * a + (1 - decay) * w for a, w in zip(self.average, self.model.get_weights())]
+
+    def _swap_in(self):
+        if self.current is None:
+            self.current = self.model.get_weights()
+            self.model.set_weights(self.average)
+
+    def _swap_out(self):
+        if self.current is not None:
+            self.model.set_weights(self.current)
+            self.current = None
+
+    def on_test_begin(self, logs=None):
+        self._swap_in()
+
+    def on_test_end(self, logs=None):
+        self._swap_out()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._swap_in()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._swap_out()
+
+    def on_train_end(self, logs=None):
+        self._swap_in()
+        self.current = None  # the averaged weights stay
+
+
+def fit_callbacks(params: dict, images: Images, seed: int, middle: list) -> tuple[list, AlternatingFlips | None]:
+    """The callbacks of a fit of `params` around `middle` (the caller's): weight averaging
+    first (the others read its weights), the signal check and alternating flips last; and the
+    flips, which the training batches read."""
+    average = [WeightAverage()] if params.get("weight_average", "none") == "ema" else []
+    flips = alternating_flips(params, images, seed)
+    return [*average, *middle, StopOnSignal(), *([flips] if flips else [])], flips
+
+
 class RowBatches(keras.utils.PyDataset):
     """Batches of numpy rows by index, for the JAX and PyTorch backends: batch i gathers
     `batch_size` rows of the (optionally shuffled) row order; the order is redrawn after each
@@ -307,13 +372,13 @@ def train(
     mode = "max" if direction == "maximize" else "min"
     early = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True)
     batch_size = params.get("batch_size", 32)
-    flips = alternating_flips(params, split.images, seed)
+    callbacks, flips = fit_callbacks(params, split.images, seed, [*(callbacks or []), early])
     with forget_custom_gradients():
         history = model.fit(
             split.train_batches(batch_size, seed, flips),
             validation_data=split.val_batches(batch_size),
             epochs=epochs,
-            callbacks=[*(callbacks or []), early, StopOnSignal(), *([flips] if flips else [])],
+            callbacks=callbacks,
             shuffle=False,  # the train batches reshuffle themselves
             verbose=0,
         ).history
@@ -333,9 +398,8 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
         callbacks = [*(callbacks or []), StopAt(stop_at)]
     images = Images(x, y)
     model = model_for(params, input_shape, n_classes, images, np.arange(len(images)), epochs)
-    flips = alternating_flips(params, images, seed)
+    callbacks, flips = fit_callbacks(params, images, seed, callbacks or [])
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed, flips=flips)
     with forget_custom_gradients():
-        model.fit(batches, epochs=epochs, callbacks=[*(callbacks or []), StopOnSignal(), *([flips] if flips else [])],
-                  shuffle=False, verbose=0)
+        model.fit(batches, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
     return model

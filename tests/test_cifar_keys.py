@@ -19,7 +19,8 @@ from pipeline.errors import PipelineError
 from pipeline.model import (BoostedBatchNorm, Dirac, Whitening, build_model, latency_ms, set_whitening,
                             whitening_filters, with_tta)
 from pipeline.space import load_space
-from pipeline.train import AlternatingFlips, Images, KeepModel, RowBatches, train, validation_splits
+from pipeline.train import (AlternatingFlips, Images, KeepModel, RowBatches, WeightAverage, fit_full, train,
+                            validation_splits)
 from pipeline.warm_start import load_configurations
 
 SHAPE, CLASSES = (16, 16, 3), 4
@@ -34,7 +35,8 @@ BASE = {"depth": 2,
 # every key of this file switched on
 NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
        "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac",
-       "whiten": True, "whiten_kernel": 2, "tta": "flip_shift", "augment_flip": "alternating"}
+       "whiten": True, "whiten_kernel": 2, "tta": "flip_shift", "weight_average": "ema",
+       "augment_flip": "alternating"}
 NEW_PARAMS = set(NEW) - {"head", "augment_flip"}  # params no space had (head, augment_flip had other values)
 NEW_TOP = {k: v for k, v in NEW.items() if k != "augment_flip"}  # the top-level settings
 BLOCKS = """
@@ -59,6 +61,7 @@ conv_init: [default, dirac]
 whiten: [false, true]
 whiten_kernel: [2, 3]
 tta: [none, flip, flip_shift]
+weight_average: [none, ema]
 augment: {flip: [false, true, alternating]}
 """
 GOOD = """
@@ -437,3 +440,37 @@ def test_a_refit_with_tta_scores_and_serves_the_averaged_model(tmp_path, setting
     p = lambda images: inner[0].predict(images, verbose=0)  # noqa: E731
     answer = served.predict(x)[[f"p_{c}" for c in digits.class_names]].to_numpy()
     np.testing.assert_allclose(answer, (p(x) + p(x[:, :, ::-1])) / 2, atol=1e-5)
+
+
+def test_weight_averaging_validates_keeps_and_returns_the_averaged_weights(tiny):
+    """`weight_average: ema`: the validation score logged is the kept model's (the averaged
+    weights, restored by early stopping), and a fit returns the average, not the last step's
+    weights: training steps are the same as without averaging (same seed), the result is not."""
+    x, y = tiny
+    params = {**BASE, "weight_average": "ema", "batch_size": 8}
+    split = validation_splits(x, y, 1, 0.25, 0)[0]
+    keep = KeepModel()
+    metrics = train(params, split, SHAPE, CLASSES, epochs=3, patience=3, callbacks=[keep])
+    _, accuracy = keep.model.evaluate(x[split.val_rows], y[split.val_rows], verbose=0)
+    assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    averaged = fit_full(params, x, y, SHAPE, CLASSES, epochs=2, seed=0)
+    last = fit_full({**BASE, "batch_size": 8}, x, y, SHAPE, CLASSES, epochs=2, seed=0)
+    for kind in ("kernel", "moving_mean"):  # the weights and batch norm's statistics are averaged
+        pairs = [(a, b) for a, b in zip(averaged.weights, last.weights) if kind in a.path]
+        assert pairs and any(not np.allclose(a.numpy(), b.numpy()) for a, b in pairs), kind
+
+
+def test_weight_average_the_average_follows_the_schedule():
+    """At the fit's end (progress 1) the decay is 0.95^every: every=1 keeps 0.95 of the old
+    average and takes 0.05 of the new weights, and the model ends with the average."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
+    average = WeightAverage(every=1)
+    average.set_model(model)
+    average.set_params({"steps": 1, "epochs": 1})
+    model.set_weights([np.zeros((2, 1))])
+    average.on_train_begin()
+    model.set_weights([np.ones((2, 1))])
+    average.on_train_batch_end(0)  # step 1 of 1: progress 1, decay 0.95
+    np.testing.assert_allclose(average.average[0], 0.05 * np.ones((2, 1)), atol=1e-6)
+    average.on_train_end()
+    np.testing.assert_allclose(model.get_weights()[0], 0.05 * np.ones((2, 1)), atol=1e-6)
