@@ -22,6 +22,7 @@ the output layer stays float32, and `compile` adds loss scaling itself.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -151,12 +152,23 @@ def whitening_filters(x_train: np.ndarray, k: int, eps: float = WHITEN_EPS, chun
     return filters.reshape(k, k, -1, 2 * d).astype("float32"), (-mean @ filters).astype("float32")
 
 
+# The last fit's whitening filters by (digest of its training images, kernel size): a study's
+# trials share their training rows, so every trial after the first reuses them (about 4 s for
+# 32,000 CIFAR-10 images on 2 cores, against about 0.1 s for the digest).
+_LAST_FILTERS: dict = {}
+
+
 def set_whitening(model: keras.Model, x_train: np.ndarray) -> None:
     """Fit the filters and bias of `model`'s whitening stem, if it has one, to the uint8
-    training images `x_train` (`whitening_filters`)."""
+    training images `x_train` (`whitening_filters`; the last fit's if its images were these)."""
     for layer in model.layers:
         if isinstance(layer, Whitening):
-            kernel, bias = whitening_filters(x_train, layer.kernel_size)
+            images = hashlib.blake2b(np.ascontiguousarray(x_train).data, digest_size=16).hexdigest()
+            key = (images, x_train.shape, layer.kernel_size)
+            if key not in _LAST_FILTERS:
+                _LAST_FILTERS.clear()
+                _LAST_FILTERS[key] = whitening_filters(x_train, layer.kernel_size)
+            kernel, bias = _LAST_FILTERS[key]
             layer.kernel.assign(kernel)
             layer.bias.assign(bias)
 

@@ -107,6 +107,8 @@ def space_file(tmp_path, text: str):
     (GOOD + "conv_init: he\n", "key 'conv_init': 'he' must be one of ('default', 'dirac')"),
     (GOOD + "whiten: [true, 0]\n", "key 'whiten': expected bool, got 0"),
     (GOOD + "whiten_kernel: 0\n", "key 'whiten_kernel': 0 must be >= 1"),
+    (GOOD + "tta: mirror\n", "key 'tta': 'mirror' must be one of ('none', 'flip', 'flip_shift')"),
+    (GOOD + "weight_average: swa\n", "key 'weight_average': 'swa' must be one of ('none', 'ema')"),
     (GOOD + "augment: {flip: sometimes}\n", "key 'augment.flip': 'sometimes' must be true, false or 'alternating'"),
     (GOOD + "augment: {flip: [true, 2]}\n", "key 'augment.flip': expected bool or str, got 2"),
 ])
