@@ -2,6 +2,6 @@
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import command_line
 
-sys.exit(main())
+sys.exit(command_line())

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline import interrupts, names
+from pipeline import interrupts, names, process
+from pipeline.process import libraries_loaded
 from pipeline.config import SEARCHES, Settings, fields
 from pipeline.device import use_backend
 from pipeline.errors import PipelineError
@@ -86,6 +87,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     log_retries()
     set_threads(settings.threads)  # before the backend runs anything (resizing images does)
     if command == "recover":
+        libraries_loaded()
         return _recover(settings, space)
     warm = {}
     if command in SEARCHES and settings.warm_start:
@@ -97,7 +99,9 @@ def run(command: str, settings: Settings, data=None) -> dict:
     if command in (*SEARCHES, "baselines"):
         check_splittable(data, settings.cv_folds if command in SEARCHES else 1)
     device = configure(settings)  # precision; names the device for the MLflow tags
+    from pipeline.core import run_study
 
+    libraries_loaded()
     if command == "space":
         from pipeline.dry_run import dry_run
 
@@ -108,8 +112,6 @@ def run(command: str, settings: Settings, data=None) -> dict:
 
         run_baselines(settings, data, device)
         return {}
-    from pipeline.core import run_study
-
     return run_study(command, settings, data, space, warm=warm, device=device).metrics
 
 
@@ -149,6 +151,11 @@ def check_tracking_uri(uri: str) -> None:
 def _resume_hint(command: str, settings: Settings) -> str:
     return (f"resume: python -m pipeline {command} --study-name {settings.study} --storage {mask(settings.storage)} "
             f"(and your other options), or the same `mlflow run` command")
+
+
+def command_line() -> int:
+    """`python -m pipeline` and the `cnn-search` command: `main` as the whole process."""
+    return process.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:

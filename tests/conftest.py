@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,12 +22,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.config import Settings  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """The files with `slow` tests first, so that on several workers (`pytest -n`) no long test
+    starts last; each file's tests stay together and in order (module fixtures are made once)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made: making them (MLflow's schema migrations)
+    takes about 4 s of CPU, which every test with a store of its own would pay again."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
-    """A fresh MLflow store for this test, also seen by subprocesses."""
+def tracking_uri(request, tmp_path, monkeypatch):
+    """A new MLflow store for this test, also seen by subprocesses: a copy of an empty one,
+    or, for tests marked `fresh_store` (workers racing to make its tables), no file at all."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    if request.node.get_closest_marker("fresh_store") is None:
+        shutil.copyfile(request.getfixturevalue("_empty_store"), tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID to os.environ; recording the variable

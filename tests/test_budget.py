@@ -110,6 +110,7 @@ def test_due_promotions_take_the_top_share_of_each_rung(tmp_path):
     assert due == [(4, 2), (3, 1)]
 
 
+@pytest.mark.slow
 def test_a_time_budgeted_main_stops_starting_evaluations_once_its_search_share_is_spent(tiny, digits, capsys):
     s = tiny.replace(time_budget=40, n_trials=1000, rungs="1,3")  # (40 s plans no rungs: bookkeeping dominates)
     started = time.time()
@@ -132,6 +133,7 @@ def test_a_time_budgeted_main_stops_starting_evaluations_once_its_search_share_i
     assert 0 < outcome.metrics["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_two_workers_share_rungs_on_one_journal_storage(tiny, tmp_path, digits, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the workers' logs go to ./worker-logs
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="1,2", eta=2, n_trials=8)

@@ -153,3 +153,26 @@ def test_the_resume_hint_needs_neither_mlflow_nor_tensorflow():
             "print({'mlflow', 'tensorflow', 'keras', 'optuna'} & set(sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.startswith("resume: python -m pipeline search") and out.endswith("set()\n"), out
+
+
+@pytest.mark.parametrize("end, code", [("return 3", 3), ("raise SystemExit(0)", 0), ("raise ValueError('x')", 1)])
+def test_a_pipeline_process_ends_with_its_code_after_every_exit_handler(end, code):
+    """`pipeline.process.run`: the collector is back on once the command returns, and the
+    process ends after the libraries' exit handlers with the command's exit code, its buffered
+    output written, whether the command returns, exits or raises."""
+    script = f"""
+import atexit, gc, sys
+from pipeline import process
+def main():
+    atexit.register(lambda: print("a library's exit handler ran", flush=True))
+    print("buffered", end="")
+    {end}
+try:
+    sys.exit(process.run(main))
+finally:
+    print(" collector on" if gc.isenabled() else " collector off", end="")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "buffered collector ona library's exit handler ran\n", done.stdout
+    assert ("ValueError: x" in done.stderr) == (code == 1)

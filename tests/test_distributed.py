@@ -180,14 +180,15 @@ def wait_until_training(timeout=120, proc=None):
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_store  # three workers make the store's tables at once
 def test_three_workers_share_one_study_within_the_global_budget(workers, storage, tmp_path):
     # as README's "Several GPUs on one machine" starts them: one worker per GPU, one storage
-    procs = [workers.start("--n-trials", "9", "--epochs", "1", env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(3)]
+    procs = [workers.start("--n-trials", "6", "--epochs", "1", env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(3)]
     results = [workers.finish(p) for p in procs]
     assert [code for code, _ in results] == [0, 0, 0], results
 
     study = workers.study()
-    assert 9 <= counted_trials(study) <= 11, [t.state for t in study.trials]
+    assert 6 <= counted_trials(study) <= 8, [t.state for t in study.trials]
     configurations = {tuple(sorted(t.params.items())) for t in study.trials}
     assert len(configurations) == len(study.trials), "workers with one seed must not draw the same configurations"
     assert len({t.user_attrs["worker_pid"] for t in study.trials}) >= 2, "the workers shared the trials"
@@ -365,6 +366,7 @@ def test_storage_urls_read_variables_from_the_environment_and_hide_passwords(tmp
     assert "someone:***@" in str(error.value) and "hunter2secret" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_after_the_last_trial_was_handed_out_leaves_nothing_running(sqlite_workers):
     """Worker A takes trial 0 and is SIGKILLed; worker B then spends the rest of the budget
     (trials 1 and 2) before A's heartbeat is stale. B waits for it to go stale (bounded by the

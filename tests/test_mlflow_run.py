@@ -48,6 +48,7 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
 
 
 @pytest.mark.slow
+@pytest.mark.fresh_store
 def test_three_mlflow_run_workers_start_together_on_a_fresh_store(tmp_path, tracking_uri):
     """README "Storages and workers": `mlflow run . -e space` once makes the fresh MLflow store
     (three workers creating it at once race in MLflow's own schema migration), then three

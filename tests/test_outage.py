@@ -109,6 +109,7 @@ def test_a_longer_outage_ends_in_a_one_line_error_after_the_patience(relayed):
     assert "\n" not in str(e.value) and password not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_worker_fails_its_trial_cleanly_when_the_database_stays_away_and_the_study_resumes(relayed, tmp_path):
     url, direct, password, relay = relayed
     space = tmp_path / "tiny.yaml"

@@ -28,7 +28,7 @@ def test_conda_pip_section_matches_requirements():
 
 def test_pyproject_pins_the_runtime_requirements_and_a_test_extra_the_rest():
     """requirements.txt's lines before its "# test and tooling only" comment are the package's
-    dependencies, those after it its `test` extra; the console script is the CLI's `main`."""
+    dependencies, those after it its `test` extra; the console script is the CLI's `command_line`."""
     text = (ROOT / "requirements.txt").read_text()
     runtime, marker, tooling = text.partition("\n# test and tooling only")
     assert marker, "requirements.txt marks where its test and tooling pins start"
@@ -37,7 +37,7 @@ def test_pyproject_pins_the_runtime_requirements_and_a_test_extra_the_rest():
     assert project["dependencies"] == runtime
     assert project["optional-dependencies"] == {"test": tooling}
     assert {line.split("==")[0] for line in tooling} == {"pytest", "pytest-xdist", "ruff", "uv"}
-    assert project["scripts"] == {"cnn-search": "pipeline.cli:main"}
+    assert project["scripts"] == {"cnn-search": "pipeline.cli:command_line"}
     assert project["requires-python"] == ">=3.11"
 
 

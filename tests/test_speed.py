@@ -10,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import optuna
+import pytest
 from conftest import ROOT, runs_of
 
 from pipeline.cli import main, run
@@ -79,6 +80,7 @@ def test_overhead_bench_runs_and_ends_with_the_ratio(tracking_uri, capsys):
     assert out["bare_epoch_s"] > 0 and out["pipeline_epoch_s"] > 0
 
 
+@pytest.mark.slow
 def test_search_vs_random_bench_runs_both_sides_and_ends_with_the_verdict(tracking_uri, tmp_path, capsys):
     """Both sides on digits for a few seconds each: trials, refits, the per-trial CSV."""
     sys.path.insert(0, str(ROOT / "bench"))

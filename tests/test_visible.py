@@ -12,6 +12,7 @@ import warnings
 
 import mlflow
 import numpy as np
+import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
@@ -83,6 +84,7 @@ def test_a_digest_changes_with_any_pixel_label_or_row_choice(digits):
     assert digest(x, y) == first and digest(x, y, np.arange(len(y) - 1)) != first
 
 
+@pytest.mark.slow
 def test_the_parent_run_is_named_after_the_study_and_describes_it_through_resume_and_refit(settings, digits,
                                                                                           capsys):
     s = settings.replace(n_trials=2, epochs=1)
