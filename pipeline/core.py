@@ -134,7 +134,7 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             if settings.workers > 1:
                 from pipeline.budget.workers import run_workers
 
-                run_workers(study, settings, until)
+                run_workers(study, objective.settings, until)  # with the plan's cap on a trial's epochs
             else:
                 run_search(study, objective, settings, until=until, cost=cost)
             timings["search_seconds"] = time.perf_counter() - start  # this process's search
