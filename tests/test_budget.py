@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -234,3 +235,18 @@ def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
     first = study.trials[0]
     assert first.user_attrs[names.WARM_START] == "known" and first.user_attrs[names.RUNG] == 0
     assert first.user_attrs[names.FIDELITY_EPOCHS] == 1 and first.state.name == "COMPLETE"
+
+
+@pytest.mark.slow
+def test_workers_under_a_budget_train_the_plans_capped_trials(tiny, tmp_path, digits, monkeypatch, capsys):
+    """Without rungs a budget caps a trial's epochs; the workers `workers=2` starts train that cap,
+    not `epochs` (which, with a patience as long, would run each trial past the budget)."""
+    monkeypatch.chdir(tmp_path)  # the workers' logs go to ./worker-logs
+    s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="off", time_budget=90,
+                     epochs=2000, patience=2000, n_trials=4)
+    run("main", s, data=digits)
+    cap = int(re.search(r"trials of at most (\d+) epoch", capsys.readouterr().out).group(1))
+    assert cap < 2000
+    study = optuna.load_study(study_name=s.study, storage=journal(tmp_path / "study.journal"))
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert done and all(t.user_attrs[names.EPOCHS_RUN] <= cap for t in done), [t.user_attrs for t in done]
