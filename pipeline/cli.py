@@ -23,7 +23,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline import interrupts, names, process
-from pipeline.process import libraries_loaded
 from pipeline.config import SEARCHES, Settings, fields
 from pipeline.device import use_backend
 from pipeline.errors import PipelineError
@@ -87,7 +86,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     log_retries()
     set_threads(settings.threads)  # before the backend runs anything (resizing images does)
     if command == "recover":
-        libraries_loaded()
+        process.libraries_loaded()
         return _recover(settings, space)
     warm = {}
     if command in SEARCHES and settings.warm_start:
@@ -101,7 +100,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     device = configure(settings)  # precision; names the device for the MLflow tags
     from pipeline.core import run_study
 
-    libraries_loaded()
+    process.libraries_loaded()
     if command == "space":
         from pipeline.dry_run import dry_run
 

@@ -13,7 +13,7 @@ only, nothing it computes changes.
   the process ends there (`os._exit`) with its exit code, its output flushed. Threads that are
   not daemons have been joined before exit handlers run.
 
-bench/README.md ("Process start and end") has the seconds each saves.
+`python bench/process_end.py` measures what they save (bench/README.md, "Default run and test suite").
 """
 
 from __future__ import annotations
