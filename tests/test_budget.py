@@ -240,11 +240,12 @@ def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
 @pytest.mark.slow
 def test_workers_under_a_budget_train_the_plans_capped_trials(tiny, tmp_path, digits, monkeypatch, capsys):
     """Without rungs a budget caps a trial's epochs; the workers `workers=2` starts train that cap,
-    not `epochs` (which, with a patience as long, would run each trial past the budget)."""
+    not `epochs` (which, with a patience as long, would run each trial past the budget). The budget
+    starts now, not at this pytest process's start; a 1-epoch refit leaves the search most of it."""
     monkeypatch.chdir(tmp_path)  # the workers' logs go to ./worker-logs
-    s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="off", time_budget=90,
-                     epochs=2000, patience=2000, n_trials=4)
-    run("main", s, data=digits)
+    s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="off", time_budget=60,
+                     epochs=2000, patience=2000, n_trials=4, refit_epochs=1)
+    run_study("main", s, digits, load_space(s.search_space), started=time.time())
     cap = int(re.search(r"trials of at most (\d+) epoch", capsys.readouterr().out).group(1))
     assert cap < 2000
     study = optuna.load_study(study_name=s.study, storage=journal(tmp_path / "study.journal"))
