@@ -31,7 +31,7 @@ from pipeline.data import Dataset
 from pipeline.errors import PipelineError
 from pipeline.pareto import log_front
 from pipeline.recover import settle
-from pipeline.refit import refit_and_test
+from pipeline.refit import forward_images, refit_and_test
 from pipeline.report import log_study_report
 from pipeline.search import Objective, run_search
 from pipeline.space import SearchSpace
@@ -106,6 +106,7 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         objective = Objective(data, space, settings, tracker, callbacks) if command in SEARCHES else None
         rows = objective.rows if objective else (len(data.y_train), 0)
         plan = cost = None
+        forwards = 0  # images the test passes forward (a budget keeps room for them)
         if settings.time_budget:
             started = process_start() if started is None else started
             if command in REFITS or (command == "search" and settings.rung_epochs is None
@@ -114,7 +115,8 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
                 params = (_best_params(study, settings) if command == "refit"
                           else _a_configuration(space, warm, settings.seed))
                 cost = _probe(params, data, train_rows, settings.seed)
-            plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1])
+                forwards = forward_images(params, len(data.test))
+            plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1], forward_images=forwards)
             print(plan.line(), flush=True)
             tracker.client.set_tag(tracker.parent_run_id, "plan", plan.line())
             log_metrics(tracker.client, tracker.parent_run_id, plan.metrics(time.time()))
@@ -145,8 +147,7 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         if command == "refit":  # a worker killed late leaves no RUNNING trial behind (`main` settled in its search)
             settle(study, tracker.client, tracker.experiment_id, settings)
         if command in REFITS:
-            epochs = _refit_epochs(study, settings, data, plan, cost if command == "refit" else None) if plan else None
-            stop_at = plan.end - reserve(settings) if plan else None
+            epochs, stop_at = _refit_plan(study, settings, data, plan, cost, command) if plan else (None, None)
             metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs, stop_at=stop_at)}
         tracker.describe(description(study, settings, tracker.client.get_run(tracker.parent_run_id)))
         print(summary(study, settings, tracker.parent_run_id, metrics))
@@ -165,16 +166,21 @@ def _best_params(study: optuna.Study, settings: Settings) -> dict:
     return best_trial(study, settings).user_attrs[names.PARAMS]
 
 
-def _refit_epochs(study: optuna.Study, settings: Settings, data: Dataset, plan: Plan, cost: Cost | None) -> int:
-    """The refit's epochs planned again now: from a probe of the configuration it refits (`cost`
-    where one was just made), the most that fit the time left before the budget's reserve
-    (`refit_epochs` where given)."""
-    if settings.refit_epochs:
-        return settings.refit_epochs
+def _refit_plan(study: optuna.Study, settings: Settings, data: Dataset, plan: Plan, cost: Cost | None,
+               command: str) -> tuple[int, float]:
+    """The refit's epochs and the epoch seconds its fit must end by, planned again now: from a probe
+    of the configuration it refits (`cost` where `refit` just made one; `main`'s first probe
+    where `refit_epochs` is given), the most epochs that fit the time left before the budget's
+    reserve, itself sized for that configuration's test (`refit_epochs` where given)."""
+    params = _best_params(study, settings)
     rows = len(data.y_train)
-    cost = cost or _probe(_best_params(study, settings), data, range(rows), settings.seed)
-    left = plan.end - time.time() - reserve(settings)
+    if command == "main" and not settings.refit_epochs:
+        cost = _probe(params, data, range(rows), settings.seed)
+    kept = reserve(settings, cost, forward_images(params, len(data.test)))
+    if settings.refit_epochs:
+        return settings.refit_epochs, plan.end - kept
+    left = plan.end - time.time() - kept
     epochs = refit_epochs_for(left, cost, rows)
     print(f"refit plan: {epochs} epoch(s) ≈ {duration(cost.fit(epochs, rows))} of the {duration(max(0.0, left))} left "
-          f"before the budget's reserve ({cost.epoch(rows):.1f} s an epoch here)", flush=True)
-    return epochs
+          f"before the budget's reserve of {duration(kept)} ({cost.epoch(rows):.1f} s an epoch here)", flush=True)
+    return epochs, plan.end - kept

@@ -488,9 +488,10 @@ def with_tta(model: keras.Model, tta: str) -> keras.Model:
 
 
 LATENCY_IMAGES = 256  # images `latency_ms` is timed on (a trial's validation rows, the refit's test rows)
+LATENCY_REPEATS = 5  # timed passes over them, after one warm-up pass
 
 
-def latency_ms(model: keras.Model, x: np.ndarray, repeats: int = 5) -> float:
+def latency_ms(model: keras.Model, x: np.ndarray, repeats: int = LATENCY_REPEATS) -> float:
     """Inference milliseconds per image: the fastest of `repeats` timed forward passes over
     the batch `x` (after one warm-up pass), divided by its size."""
     model(x, training=False)

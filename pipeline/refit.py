@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, classification_report, precision_rec
 from pipeline import names
 from pipeline.best import best_trial
 from pipeline.config import Settings
-from pipeline.model import LATENCY_IMAGES, latency_ms, with_tta
+from pipeline.model import LATENCY_IMAGES, LATENCY_REPEATS, latency_ms, tta_views, with_tta
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
 from pipeline.tracking import Tracker, log_datasets, log_metrics
@@ -52,6 +52,14 @@ def score(y_true, y_pred, class_names: list[str]) -> tuple[dict, dict, str]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def forward_images(params: dict, test_rows: int) -> int:
+    """Images `refit_and_test` passes forward through the network after the fit: the test split's
+    and `latency_ms`'s warm-up and timed batches, each once per test-time view (what a time
+    budget keeps room for, pipeline.budget.plan.reserve)."""
+    views = max(1, len(tta_views(params.get("tta", "none"))))
+    return views * (test_rows + (1 + LATENCY_REPEATS) * min(LATENCY_IMAGES, test_rows))
 
 
 def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker, *, epochs: int | None = None,

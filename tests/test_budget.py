@@ -26,6 +26,7 @@ from pipeline.budget.rungs import due_promotions
 from pipeline.cli import run
 from pipeline.config import Settings
 from pipeline.core import run_study
+from pipeline.refit import forward_images
 from pipeline.errors import PipelineError
 from pipeline.search import Objective, run_search
 from pipeline.space import load_space
@@ -73,6 +74,13 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
     assert plain.rungs == () and plain.trial_epochs == int((1799 / 3 - 5 - 2) // (40 + 10 / 3)) == 13
     # given refit epochs are kept; `search` spends it all; `refit` spends it all on the refit
     assert make_plan(s.replace(refit_epochs=5), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).refit_epochs == 5
+    # the reserve grows by the test's forward passes at a third of a trained image's cost (0.005 s):
+    # 2,000 test images through six views, and the latency batches, 21,216 images: 35.4 s more
+    assert forward_images({"tta": "flip_shift"}, 2000) == 6 * (2000 + 6 * 256) and forward_images({}, 100) == 700
+    tested = make_plan(s, "main", 1000.0, cost, rows=8000, val_rows=2000, forward_images=21_216, now=1000.0)
+    assert tested.reserve == pytest.approx(46 + 21_216 * 0.005 / 3) and plan.reserve == 46
+    assert tested.search_until < plan.search_until and "kept for the test and logging" in tested.line()
+    assert make_plan(s, "search", 1000.0, cost, rows=8000, val_rows=2000, forward_images=21_216, now=1000.0).reserve == 46
     assert make_plan(s, "search", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).search_until == 1000 + left
     assert make_plan(s, "refit", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).refit_epochs == (left - 5) // 50
     # explicit rungs are the study's, not the planner's

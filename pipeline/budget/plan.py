@@ -6,7 +6,8 @@ the rungs of successive halving, all from what an epoch measurably costs on this
 
 The budget counts from the process's start (loading included) and ends at `started + time_budget`:
 - a reserve at the end for the test, the study report and logging: RESERVE_SECONDS + RESERVE_SHARE
-  of the budget;
+  of the budget, plus the forward passes the end makes (the test split's images and the timed
+  latency batches, each through every test-time view) at the probe's cost of one;
 - `main`: the refit gets REFIT_SHARE of the time left after loading and the reserve (or
   `refit_epochs` epochs where given), the search the rest; `search`: all of it; `refit`: all of it;
 - without rungs (too short a search for two, or `rungs=off`): a trial's epochs are capped so that
@@ -29,8 +30,8 @@ import numpy as np
 
 from pipeline.config import Settings
 
-RESERVE_SECONDS = 10.0  # the end of a run: predicting the test split, the study report, logging, registering
-RESERVE_SHARE = 0.01  # and this share of the budget
+RESERVE_SECONDS = 10.0  # the end of a run: the study report, saving, logging and registering the models
+RESERVE_SHARE = 0.01  # and this share of the budget (the test's forward passes are counted apart)
 REFIT_SHARE = 0.5  # of the time after loading and the reserve, for `main`'s refit
 BRACKETS = 1  # full brackets of successive halving the search's share should pay for
 MIN_TRIALS = 3  # without rungs: plain trials the search's share should pay for
@@ -63,8 +64,12 @@ def budget_end(settings: Settings, started: float) -> float | None:
     return started + settings.time_budget if settings.time_budget else None
 
 
-def reserve(settings: Settings) -> float:
-    return RESERVE_SECONDS + RESERVE_SHARE * settings.time_budget
+def reserve(settings: Settings, cost: Cost | None = None, forward_images: int = 0) -> float:
+    """Seconds kept at the budget's end: RESERVE_SECONDS + RESERVE_SHARE of the budget, plus
+    `forward_images` forward passes of one image (the test's, pipeline.refit.forward_images) at
+    `cost`'s rate (VALIDATION_COST of an image trained)."""
+    fixed = RESERVE_SECONDS + RESERVE_SHARE * settings.time_budget
+    return fixed + (forward_images * VALIDATION_COST * cost.batch / cost.batch_size if cost else 0.0)
 
 
 def refit_epochs_for(seconds: float, cost: Cost, rows: int) -> int:
@@ -100,6 +105,7 @@ class Plan:
     refit_seconds: float
     rungs: tuple[int, ...]  # planned epochs per rung ((): none planned)
     trial_epochs: int = 0  # without rungs: the most epochs a trial may train (0: `epochs`, unplanned)
+    reserve: float = 0.0  # seconds kept at the end (`reserve`)
 
     def line(self) -> str:
         parts = []
@@ -111,6 +117,8 @@ class Plan:
             parts.append(f"trials of at most {self.trial_epochs} epoch(s)")
         if self.refit_epochs:
             parts.append(f"refit {self.refit_epochs} epochs ≈ {duration(self.refit_seconds)}")
+        if self.reserve:
+            parts.append(f"{duration(self.reserve)} kept for the test and logging")
         return f"time budget {self.budget} s: " + ", ".join(parts)
 
     def metrics(self, now: float) -> dict:
@@ -121,14 +129,16 @@ class Plan:
 
 
 def make_plan(settings: Settings, command: str, started: float, cost: Cost | None, *, rows: int, val_rows: int,
-              now: float | None = None) -> Plan:
+              forward_images: int = 0, now: float | None = None) -> Plan:
     """The plan of `command` (main, search, refit) for a budget that started at `started`; `rows`
-    and `val_rows`: the images a trial trains and validates on (the refit trains on both). `cost`
-    (the probe) is needed for a refit and for planned rungs; a `search` worker joining a study whose
-    rungs are fixed goes without."""
+    and `val_rows`: the images a trial trains and validates on (the refit trains on both);
+    `forward_images`: the forward passes of the refit's test (`reserve`). `cost` (the probe) is
+    needed for a refit and for planned rungs; a `search` worker joining a study whose rungs are
+    fixed goes without."""
     now = time.time() if now is None else now
     end = budget_end(settings, started)
-    left = end - now - reserve(settings)
+    kept = reserve(settings, cost, forward_images if command in ("main", "refit") else 0)
+    left = end - now - kept
     full = rows + val_rows
     refit_epochs, refit_seconds = 0, 0.0
     if command == "main":
@@ -149,7 +159,7 @@ def make_plan(settings: Settings, command: str, started: float, cost: Cost | Non
     trial_epochs = 0
     if search_until is not None and cost is not None and not rungs and settings.rung_epochs in (None, []):
         trial_epochs = min(settings.epochs, trial_epochs_for(search_until - now, cost, rows, val_rows))
-    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs), trial_epochs)
+    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs), trial_epochs, kept)
 
 
 def trial_epochs_for(search_seconds: float, cost: Cost, rows: int, val_rows: int) -> int:
