@@ -2,7 +2,8 @@
 the rungs of successive halving, all from what an epoch measurably costs on this machine.
 
     plan = make_plan(settings, command, started, cost)     # cost: pipeline.budget.probe
-    print(plan.line())   # time budget 3600 s: search until 10:52 UTC, refit 18 epochs ≈ 24 min
+    print(plan.line())
+    # time budget 3600 s: search until 10:52 UTC, refit 18 epochs ≈ 24 min, 62 s kept for the test and logging
 
 The budget counts from the process's start (loading included) and ends at `started + time_budget`:
 - a reserve at the end for the test, the study report and logging: RESERVE_SECONDS + RESERVE_SHARE
