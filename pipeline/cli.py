@@ -84,7 +84,9 @@ def run(command: str, settings: Settings, data=None) -> dict:
         check_dataset_name(settings.dataset)  # before the backend's import, which takes seconds
     quiet_console()
     log_retries()
-    set_threads(settings.threads)  # before the backend runs anything (resizing images does)
+    # before the backend runs anything (resizing images does); with `workers`, `threads` counts per
+    # worker, and this process (the probe, `main`'s refit) keeps every core
+    set_threads(settings.threads if settings.workers <= 1 else 0)
     if command == "recover":
         process.libraries_loaded()
         return _recover(settings, space)
