@@ -26,8 +26,8 @@ from pipeline.budget.rungs import due_promotions
 from pipeline.cli import run
 from pipeline.config import Settings
 from pipeline.core import run_study
-from pipeline.refit import forward_images
 from pipeline.errors import PipelineError
+from pipeline.refit import forward_images
 from pipeline.search import Objective, run_search
 from pipeline.space import load_space
 from pipeline.study import join_study
