@@ -8,9 +8,20 @@ temp stores, one after the other, so its wall time includes starting, loading an
         --search-space search_spaces/cifar10.yaml --warm-start search_spaces/cifar10_start.yaml
     python bench/budget_vs_default.py --dataset digits --budget 60 --sides search   # a quick look
 
+A third side, `random`, is random search through the same machinery: `main --time-budget B
+--sampler random --rungs off --pruner none` (the tutorial's randomized search: configurations
+drawn at random, each trained as one complete run of the epochs the planner gives a trial, the
+best refit), warm-started like the search side.
+
+    python bench/budget_vs_default.py --dataset ../shared/data/cifar10-sample --budget 1200 \
+        --search-space search_spaces/modern.yaml --warm-start '' --sides search,random --parallel --seeds 42,7,3
+
 Options: `--parallel` runs the two sides at once, each pinned to its own core with one thread (the
 same budget on equal hardware, in half the wall time); `--sides search,default` (both by
-default); `--threads N` (both sides) and `--workers N` (the search side); `--seed`;
+default; any two of search, default, random with `--parallel`); `--threads N` (every side) and
+`--workers N` (the search side); `--seed`, or `--seeds 42,7,3` (one run of the sides per seed,
+then each side's mean and sample standard deviation of test accuracy and evaluations);
+`--warm-start ''`: none;
 `--n-trials` (the search's cap on evaluations; default 1000, so the budget ends it); `--extra
 "--rungs 1,3,9"`: more options for the search side. Prints one `name=value` line per side: test
 accuracy and macro F1, wall seconds and their ratio to the budget (`overrun` = wall / budget - 1),
@@ -25,6 +36,7 @@ import collections
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,10 +61,11 @@ def run_side(args, side: str, folder: Path, core: int | None = None):
            "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_RUN_ID", None)
     if side == "search":
-        command = ["main", *common, "--n-trials", str(args.n_trials), "--workers", str(args.workers)]
-        if args.warm_start:
-            command += ["--warm-start", args.warm_start]
-        command += shlex.split(args.extra)
+        command = ["main", *common, "--n-trials", str(args.n_trials), "--workers", str(args.workers),
+                   *warm(args), *shlex.split(args.extra)]
+    elif side == "random":
+        command = ["main", *common, "--n-trials", str(args.n_trials), "--sampler", "random", "--rungs", "off",
+                   "--pruner", "none", *warm(args)]
     else:
         _record_default(args, study, storage, env)
         command = ["refit", *common]
@@ -62,6 +75,10 @@ def run_side(args, side: str, folder: Path, core: int | None = None):
     proc = subprocess.Popen([*pin, sys.executable, "-m", "pipeline", *command], cwd=folder, env=env, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     return lambda: _figures(args, side, study, storage, proc, log, start)
+
+
+def warm(args) -> list[str]:
+    return ["--warm-start", args.warm_start] if args.warm_start else []
 
 
 def _figures(args, side, study, storage, proc, log, start) -> dict:
@@ -81,8 +98,8 @@ def _figures(args, side, study, storage, proc, log, start) -> dict:
         "side": side, "test_accuracy": float(found("test_accuracy").group(1)),
         "test_f1_macro": float(found("test_f1_macro").group(1)), "wall_s": wall, "budget_s": args.budget,
         "overrun": wall / args.budget - 1, "cpu_cores": cpu / wall, "refit_epochs": int(found("refit_epochs").group(1)),
-        "evaluations": sum(rungs.values()) if side == "search" else 0,
-        "by_rung": ",".join(f"{k}:{v}" for k, v in sorted(rungs.items(), key=str)) if side == "search" else "-",
+        "evaluations": sum(rungs.values()) if side != "default" else 0,
+        "by_rung": ",".join(f"{k}:{v}" for k, v in sorted(rungs.items(), key=str)) if side != "default" else "-",
         "plan": f'"{plan.group(0)}"' if plan else "-",
     }
 
@@ -116,6 +133,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", default="", help="comma-separated: one run of the sides per seed, then a summary")
     parser.add_argument("--n-trials", type=int, default=1000)
     parser.add_argument("--extra", default="")
     parser.add_argument("--keep", default="", help="folder to keep each side's stores and log in")
@@ -125,19 +143,41 @@ def main():
     if args.parallel:
         args.threads = args.threads or 1
     args.dataset = args.dataset if args.dataset in ("digits", "cifar10") else str(Path(args.dataset).resolve())
-    args.search_space, args.warm_start = str(Path(args.search_space).resolve()), str(Path(args.warm_start).resolve())
+    args.search_space = str(Path(args.search_space).resolve())
+    args.warm_start = str(Path(args.warm_start).resolve()) if args.warm_start else ""
     sides = args.sides.split(",")
-    with tempfile.TemporaryDirectory(prefix="budget-") as tmp:
-        folders = {side: Path(args.keep or tmp) / side for side in sides}
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        if args.parallel:  # both at once, one core each
-            waits = [run_side(args, side, folders[side], core=i) for i, side in enumerate(sides)]
-            results = [wait() for wait in waits]
-        else:
-            results = [run_side(args, side, folders[side])() for side in sides]
-        for result in results:
-            print(result_line(result), flush=True)
+    if args.parallel and len(sides) > len(os.sched_getaffinity(0)):
+        sys.exit(f"--parallel pins each side to a core of its own: {len(sides)} sides, "
+                 f"{len(os.sched_getaffinity(0))} cores")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    runs = []
+    for seed in seeds:
+        args.seed = seed
+        with tempfile.TemporaryDirectory(prefix="budget-") as tmp:
+            folders = {side: Path(args.keep or tmp) / (f"{seed}-{side}" if args.seeds else side) for side in sides}
+            for folder in folders.values():
+                folder.mkdir(parents=True, exist_ok=True)
+            if args.parallel:  # at once, one core each
+                waits = [run_side(args, side, folders[side], core=i) for i, side in enumerate(sides)]
+                results = [wait() for wait in waits]
+            else:
+                results = [run_side(args, side, folders[side])() for side in sides]
+            for result in results:
+                print(result_line({"seed": seed, **result}), flush=True)
+            runs += results
+    if len(seeds) > 1:
+        print(result_line(summarize(runs, sides)), flush=True)
+
+
+def summarize(runs: list[dict], sides: list[str]) -> dict:
+    """Per side over the seeds: test accuracy and evaluations, mean and sample standard deviation."""
+    out = {"seeds": len(runs) // len(sides)}
+    for side in sides:
+        for key in ("test_accuracy", "evaluations", "wall_s"):
+            values = [r[key] for r in runs if r["side"] == side]
+            out[f"{side}_{key}_mean"] = round(statistics.mean(values), 4)
+            out[f"{side}_{key}_sd"] = round(statistics.stdev(values), 4)
+    return out
 
 
 if __name__ == "__main__":
