@@ -4,10 +4,11 @@ search's hold-out validation split and epoch cap, then score it on the test spli
     python -m pipeline baselines --dataset digits --epochs 5 [--only toy_tuned,vgg4]
 
 The configurations come from `baselines` (default search_spaces/baselines.yaml), each
-validated against the space the file names. One MLflow parent run (`pipeline.role=baselines`)
-holds one run per baseline tagged `baseline=<name>` with its per-epoch metrics, the best
-epoch's `train_*`/`val_*` metrics, `test_*` scores, `params_count` and `seconds`; the parent
-gets the table as `baselines.csv`. Unlike a search, this command exists to open the test split.
+validated against the space its document names (a file may hold several; pipeline.warm_start).
+One MLflow parent run (`pipeline.role=baselines`) holds one run per baseline tagged
+`baseline=<name>` and `search_space` with its per-epoch metrics, the best epoch's
+`train_*`/`val_*` metrics, `test_*` scores (through its test-time views, `tta`),
+`params_count` and `seconds`; the parent gets the table as `baselines.csv`. Unlike a search, this command exists to open the test split.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 from pathlib import Path
 
 from pipeline.config import Settings
+from pipeline.model import with_tta
 from pipeline.refit import score
 from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, train, validation_splits
-from pipeline.warm_start import load_configurations
+from pipeline.warm_start import load_groups
 
 COLUMNS = ("name", "parameters", "val_accuracy", "test_accuracy", "seconds")
 
@@ -34,7 +36,8 @@ def train_and_test(params: dict, split, data, x_test, y_test, settings: Settings
                     direction=settings.direction, patience=settings.patience, callbacks=[*callbacks, keep],
                     seed=settings.seed)
     metrics["seconds"] = time.perf_counter() - start
-    y_pred = keep.model.predict(x_test, verbose=0, batch_size=256).argmax(axis=1)
+    model = with_tta(keep.model, params.get("tta", "none"))  # scored with its test-time views, as a refit is
+    y_pred = model.predict(x_test, verbose=0, batch_size=256).argmax(axis=1)
     metrics.update(score(y_test, y_pred, data.class_names)[0])
     return metrics
 
@@ -49,12 +52,13 @@ def table(rows: list[dict]) -> str:
 
 def run_baselines(settings: Settings, data, device: str = "") -> list[dict]:
     """Train and test every chosen baseline; returns the table's rows."""
-    space, configs = load_configurations(settings.baselines, only=settings.only_names)
+    groups = load_groups(settings.baselines, only=settings.only_names)
+    configs = {name: (space, params) for space, chosen in groups for name, params in chosen.items()}
     split = validation_splits(data.x_train, data.y_train, 1, settings.val_fraction, settings.seed)[0]
     tracker = Tracker(settings, run_name=f"baselines-{data.name}", device=device)
     client, parent = tracker.client, tracker.parent_run_id
     for k, v in {"pipeline.role": "baselines", "dataset": settings.dataset, "baselines": settings.baselines,
-                 "search_space": space.path}.items():
+                 "search_space": ",".join(dict.fromkeys(space.path for space, _ in groups))}.items():
         client.set_tag(parent, k, v)
     for k, v in {"epochs": settings.epochs, "seed": settings.seed, "val_fraction": settings.val_fraction,
                  "patience": settings.patience}.items():
@@ -67,8 +71,8 @@ def run_baselines(settings: Settings, data, device: str = "") -> list[dict]:
               (data.lineage(x_test, y_test), "test")]
     rows, status = [], "FAILED"
     try:
-        for name, params in configs.items():
-            with tracker.child_run(name, params, baseline=name) as run_id:
+        for name, (space, params) in configs.items():
+            with tracker.child_run(name, params, baseline=name, search_space=space.path) as run_id:
                 log_datasets(client, run_id, inputs)
                 metrics = train_and_test(params, split, data, x_test, y_test, settings,
                                          [tracker.epoch_logger(run_id)])

@@ -283,9 +283,12 @@ class SearchSpace:
         return problems
 
 
-def read_yaml(path: Path, file_kind: str, content: str):
-    """The parsed YAML of `path`; a missing or unreadable file is a one-line error."""
+def read_yaml(path: Path, file_kind: str, content: str, documents: bool = False):
+    """The parsed YAML of `path` (`documents`: a list of its `---`-separated documents, empty ones
+    left out); a missing or unreadable file is a one-line error."""
     try:
+        if documents:
+            return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path}: {file_kind} file not found") from None

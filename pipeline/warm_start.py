@@ -6,6 +6,10 @@ File format (see search_spaces/seed_best.yaml, search_spaces/baselines.yaml):
     search_space: seed.yaml        # the space the configurations belong to (relative to this file)
     configurations:
       tutorial_best: {depth: 2, conv1_filters: 32, conv2_kernel_size: 9, dense_units: 750, ...}
+    ---                            # more documents: configurations of other spaces
+    search_space: airbench.yaml
+    configurations:
+      airbench93: {learning_rate: 1.5, ...}
 
 Params are the flat names a trial logs (`conv<i>_<key>`, `dense_<key>`, training keys); a
 setting left out takes the space's fixed value, else the builder's default if the space
@@ -23,46 +27,75 @@ from pipeline.errors import PipelineError
 from pipeline.space import SearchSpace, load_space, read_yaml
 
 
-
-def read_file(path: str | Path) -> tuple[Path, dict]:
-    """The space file a configurations file names and its raw {name: params} mapping."""
+def read_file(path: str | Path) -> list[tuple[Path, dict]]:
+    """(space file, raw {name: params}) of each YAML document of a configurations file (one
+    document, or several separated by `---`, each naming its own space); names are unique."""
     path = Path(path)
-    raw = read_yaml(path, "configurations", "configurations")
-    if not isinstance(raw, dict) or set(raw) - {"search_space", "description", "configurations"}:
+    docs = read_yaml(path, "configurations", "configurations", documents=True)
+    if not docs:
         raise PipelineError(f"{path}: expected a mapping with keys search_space, configurations (and description)")
-    configs = raw.get("configurations")
-    if not isinstance(configs, dict) or not configs:
-        raise PipelineError(f"{path}: key 'configurations' must map names to params")
-    for name, params in configs.items():
-        if not isinstance(params, dict):
-            raise PipelineError(f"{path}: configuration {name!r} must be a mapping of params")
-    if not isinstance(raw.get("search_space"), str):
-        raise PipelineError(f"{path}: key 'search_space' must name the space file the configurations belong to")
-    return path.parent / raw["search_space"], configs
+    groups, seen = [], set()
+    for raw in docs:
+        if not isinstance(raw, dict) or set(raw) - {"search_space", "description", "configurations"}:
+            raise PipelineError(f"{path}: expected a mapping with keys search_space, configurations (and description)")
+        configs = raw.get("configurations")
+        if not isinstance(configs, dict) or not configs:
+            raise PipelineError(f"{path}: key 'configurations' must map names to params")
+        for name, params in configs.items():
+            if not isinstance(params, dict):
+                raise PipelineError(f"{path}: configuration {name!r} must be a mapping of params")
+            if name in seen:
+                raise PipelineError(f"{path}: configuration {name!r} is named twice")
+            seen.add(name)
+        if not isinstance(raw.get("search_space"), str):
+            raise PipelineError(f"{path}: key 'search_space' must name the space file the configurations belong to")
+        groups.append((path.parent / raw["search_space"], configs))
+    return groups
+
+
+def load_groups(path: str | Path, space: SearchSpace | None = None, only: list[str] = ()) -> list[tuple[SearchSpace, dict]]:
+    """(space, validated and completed configurations {name: params}) per document of the file:
+    all configurations, or those named in `only`.
+
+    Without `space` (the `baselines` command) each document's are checked against the space it
+    names. With `space` (a warm start) they are checked against it, and of a file of several
+    documents only those naming that space are taken (all, where none does), unless `only`
+    names others. A configuration outside its space is an error naming the file, the
+    configuration and the setting.
+    """
+    groups = read_file(path)
+    every = [name for _, configs in groups for name in configs]
+    unknown = [n for n in only if n not in every]
+    if unknown:
+        raise PipelineError(f"only={','.join(only)}: {path} has no configuration {unknown[0]!r} "
+                            f"(it has {', '.join(every)})")
+    if space is not None and len(groups) > 1 and not only:
+        own = [g for g in groups if g[0].resolve() == Path(space.path).resolve()]
+        groups = own or groups
+    chosen = []
+    for space_path, configs in groups:
+        group_space = space or load_space(space_path)
+        names_ = [n for n in only if n in configs] if only else list(configs)
+        if names_:
+            chosen.append((group_space, {name: _checked(path, name, configs[name], group_space) for name in names_}))
+    return chosen
+
+
+def _checked(path, name: str, params: dict, space: SearchSpace) -> dict:
+    params = space.complete(params)
+    problems = space.violations(params)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PipelineError(f"{path}: configuration {name!r} is outside search space {space.path}: "
+                            f"{problems[0]}{more}")
+    return params
 
 
 def load_configurations(path: str | Path, space: SearchSpace | None = None, only: list[str] = ()) -> tuple[SearchSpace, dict]:
-    """Validated, completed configurations {name: params} (all, or those named in `only`).
-
-    Each is checked against `space`, or against the space the file names when none is given.
-    A configuration outside it is an error naming the file, the configuration and the setting.
-    """
-    space_path, configs = read_file(path)
-    space = space or load_space(space_path)
-    unknown = [n for n in only if n not in configs]
-    if unknown:
-        raise PipelineError(f"only={','.join(only)}: {path} has no configuration {unknown[0]!r} "
-                            f"(it has {', '.join(configs)})")
-    chosen = {}
-    for name in only or configs:
-        params = space.complete(configs[name])
-        problems = space.violations(params)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise PipelineError(f"{path}: configuration {name!r} is outside search space {space.path}: "
-                                f"{problems[0]}{more}")
-        chosen[name] = params
-    return space, chosen
+    """`load_groups`' configurations as one {name: params}, with the first document's space
+    (or `space`)."""
+    groups = load_groups(path, space, only)
+    return groups[0][0], {name: params for _, configs in groups for name, params in configs.items()}
 
 
 def enqueue(study: optuna.Study, configs: dict) -> list[str]:

@@ -4,6 +4,8 @@ tagged run per baseline under one parent; a baseline outside its space is a clea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -15,17 +17,22 @@ from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.space import load_space
 from pipeline.train import Images, Split, train
-from pipeline.warm_start import load_configurations, read_file
+from pipeline.warm_start import load_configurations, load_groups, read_file
 
 BASELINES = ROOT / "search_spaces" / "baselines.yaml"
 NAMES = ["toy_1conv", "toy_2conv", "toy_2conv_hidden", "toy_tuned", "lab_baseline", "lab_final", "vgg4", "vgg6",
          "resnet_small"]
+AIRBENCH = ["airbench93", "airbench94"]
 SPACE, CONFIGS = load_configurations(BASELINES)
 
 
 def test_every_baseline_is_valid_in_the_space_it_names():
-    space_path, raw = read_file(BASELINES)
+    (space_path, raw), (airbench_path, airbench) = read_file(BASELINES)  # two documents, a space each
     assert list(raw) == NAMES and space_path.resolve() == (ROOT / "search_spaces" / "modern.yaml").resolve()
+    assert list(airbench) == AIRBENCH and airbench_path.name == "airbench_sizes.yaml"
+    assert list(CONFIGS) == NAMES + AIRBENCH and SPACE.path == str(space_path)
+    sizes = load_space(airbench_path)
+    assert all(sizes.violations(CONFIGS[name]) == [] for name in AIRBENCH)
     modern = load_space(space_path)
     for name in NAMES:
         assert modern.violations(CONFIGS[name]) == [], name
@@ -37,6 +44,33 @@ def test_every_baseline_is_valid_in_the_space_it_names():
     _, best = load_configurations(ROOT / "search_spaces" / "seed_best.yaml", seed)
     shared = {k: v for k, v in CONFIGS["toy_tuned"].items() if k in best["tutorial_best"]}
     assert shared == best["tutorial_best"]
+
+
+def test_airbench_baselines_are_the_published_networks():
+    for name, width, parameters in (("airbench93", 128, 0.57e6), ("airbench94", 256, 1.97e6)):
+        params = CONFIGS[name]
+        assert [params[f"conv{i}_filters"] for i in (1, 2, 3)] == [64, width, width]
+        assert params["weight_average"] == "ema" and params["tta"] == "flip_shift" and params["whiten"]
+        assert params["batch_size"] == 1024 and params["label_smoothing"] == 0.2 and params["optimizer"] == "nesterov"
+        model = build_model(params, (32, 32, 3), 10)
+        assert abs(model.count_params() - parameters) < 0.01e6, (name, model.count_params())
+    # a warm start takes the document made for its space; every document's for another
+    sizes = load_space(ROOT / "search_spaces" / "airbench_sizes.yaml")
+    assert list(load_configurations(BASELINES, sizes)[1]) == AIRBENCH
+    assert list(load_configurations(BASELINES, SPACE)[1]) == NAMES
+    assert [list(c) for _, c in load_groups(BASELINES, only=["vgg4", "airbench94"])] == [["vgg4"], ["airbench94"]]
+    # the airbench spaces: airbench.yaml is airbench93 without weight averaging
+    airbench = load_space(ROOT / "search_spaces" / "airbench.yaml")
+    inside = {k: v for k, v in CONFIGS["airbench93"].items() if k != "weight_average"}
+    assert airbench.violations(airbench.complete(inside)) == []
+
+
+def test_a_configuration_named_twice_is_a_clear_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    doc = f"search_space: {ROOT / 'search_spaces' / 'wide.yaml'}\nconfigurations:\n  one: {{depth: 1}}\n"
+    path.write_text(doc + "---\n" + doc)
+    with pytest.raises(PipelineError, match=f"^{path}: configuration 'one' is named twice$"):
+        read_file(path)
 
 
 def layer_kinds(model):
@@ -84,7 +118,7 @@ def test_each_baseline_trains_one_epoch_on_tiny_data(name):
 
 
 def test_baselines_command_logs_one_tagged_run_per_baseline(settings, digits, capsys):
-    s = settings.replace(epochs=1, only="toy_1conv,lab_final")
+    s = settings.replace(epochs=1, only="toy_1conv,lab_final,airbench93")
     run("baselines", s, data=digits)
     assert digits.test.opened
     runs = runs_of("test-experiment")
@@ -92,7 +126,10 @@ def test_baselines_command_logs_one_tagged_run_per_baseline(settings, digits, ca
     assert len(parents) == 1 and parents[0].data.tags["pipeline.role"] == "baselines"
     assert parents[0].info.status == "FINISHED"
     children = {r.data.tags["baseline"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert sorted(children) == ["lab_final", "toy_1conv"] and len(runs) == 3
+    assert sorted(children) == ["airbench93", "lab_final", "toy_1conv"] and len(runs) == 4
+    spaces = {name: Path(child.data.tags["search_space"]).name for name, child in children.items()}
+    assert spaces == {"airbench93": "airbench_sizes.yaml", "lab_final": "modern.yaml", "toy_1conv": "modern.yaml"}
+    assert parents[0].data.tags["search_space"].count(",") == 1  # both spaces
     out = capsys.readouterr().out
     for name, child in children.items():
         assert child.info.status == "FINISHED"
