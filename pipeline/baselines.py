@@ -8,7 +8,8 @@ validated against the space its document names (a file may hold several; pipelin
 One MLflow parent run (`pipeline.role=baselines`) holds one run per baseline tagged
 `baseline=<name>` and `search_space` with its per-epoch metrics, the best epoch's
 `train_*`/`val_*` metrics, `test_*` scores (through its test-time views, `tta`),
-`params_count` and `seconds`; the parent gets the table as `baselines.csv`. Unlike a search, this command exists to open the test split.
+`params_count` and `seconds`; the parent gets the table as `baselines.csv`. Unlike a search,
+this command exists to open the test split.
 """
 
 from __future__ import annotations
