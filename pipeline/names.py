@@ -23,6 +23,7 @@ WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"  # the process that runs t
 RUNG = "rung"  # successive halving: the rung of an evaluation (0 = sampled; absent in a study without rungs)
 PROMOTED_FROM = "promoted_from"  # the trial number whose configuration this evaluation trains again, one rung up
 FIDELITY_EPOCHS, FIDELITY_ROWS = "fidelity_epochs", "fidelity_rows"  # what an evaluation trains: epochs, rows
+CUT = "cut"  # why a trial's training was cut short (a time budget's search share ended during it)
 
 # Study user attributes
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run

@@ -39,7 +39,7 @@ from pipeline.recover import HOST, mark_owner, recover, settle
 from pipeline.study import counted_trials, deadline
 from pipeline.terminal import progress_bar
 from pipeline.tracking import Tracker, log_datasets, log_metrics
-from pipeline.train import KeepModel, train, validation_splits
+from pipeline.train import KeepModel, StopAt, train, validation_splits
 
 DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the deadline (Optuna's own clock starts later)
 
@@ -69,11 +69,16 @@ class FoldPruning(KerasPruningCallback):
 class Objective:
     """`callbacks`: extra Keras callbacks for every fit (a timer, say), after the pipeline's own.
     `rungs`: epochs per rung of a study with successive halving (pipeline.budget.rungs): each
-    evaluation trains its rung's epochs, unpruned; [] = plain trials of `epochs`, pruned."""
+    evaluation trains its rung's epochs, unpruned; [] = plain trials of `epochs`, pruned.
+    `until`: epoch seconds at which a time budget's search share ends (`run_search` sets it): a
+    fit still training then is cut short (a configuration far slower than the ones before it
+    must not eat the refit's time), and its trial pruned (`cut` says where) unless the study has
+    no complete trial yet, when it completes with what it reached, so that the refit has one."""
 
     def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=()):
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
         self.extra_callbacks, self.rungs = list(callbacks), []  # the rungs: set once the study's are fixed
+        self.until: float | None = None
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
         x, y = data.x_train, data.y_train
         self.inputs = [(data.lineage(x, y, rows), context) for split in self.splits
@@ -117,9 +122,10 @@ class Objective:
         with self.tracker.trial_run(trial, params, fidelity) as run_id:
             log_datasets(self.tracker.client, run_id, self.inputs)
             folds, keep, start = [], KeepModel(), time.perf_counter()
+            stop = StopAt(self.until, label=None) if self.until is not None else None
             for k, split in enumerate(self.splits):
                 offset = k * epochs
-                callbacks = [self.tracker.epoch_logger(run_id, offset), keep]
+                callbacks = [self.tracker.epoch_logger(run_id, offset), keep, *([stop] if stop else [])]
                 if s.pruning and not self.rungs:
                     callbacks.append(FoldPruning(trial, s.metric, offset, prune=names.WARM_START not in trial.user_attrs,
                                                  last_step=len(self.splits) * epochs - 1))
@@ -129,6 +135,9 @@ class Objective:
                           monitor=s.metric, direction=s.direction, patience=s.patience,
                           callbacks=callbacks, seed=s.seed + trial.number)
                 )
+                if stop and stop.stopped:
+                    self._cut(trial, f"the search's share of the time budget ended: fold {k + 1}, {stop.where}")
+                    break
             value = float(np.mean([f[s.metric] for f in folds]))
             if not math.isfinite(value):
                 raise ValueError(f"{s.metric} is {value}")
@@ -148,6 +157,17 @@ class Objective:
             return value
         extra = {"params": folds[0]["params_count"], names.LATENCY_MS: summary.get(names.LATENCY_MS)}
         return (value, *(float(extra[name]) for name in s.objective_names[1:]))
+
+
+    @staticmethod
+    def _cut(trial: optuna.Trial, where: str) -> None:
+        """A fit cut short at the search's end: pruned, unless no trial of the study is complete."""
+        trial.set_user_attr(names.CUT, where)
+        done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        print(f"trial {trial.number}: cut short, {where}" + ("" if done else "; kept, the study has no other result"),
+              flush=True)
+        if done:
+            raise optuna.TrialPruned(where)
 
 
 def _history(study: optuna.Study) -> list[tuple[int, float]]:
@@ -185,6 +205,7 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
     trials of dead workers are failed, requeued and their runs closed (`recover`, which says
     so), ahead of Optuna's own silent check in `optimize`."""
     tracker = objective.tracker
+    objective.until = until
     recover(study, tracker.client, tracker.experiment_id)
     if counted_trials(study) >= settings.n_trials:
         print(f"study {study.study_name!r} already has {settings.n_trials} finished trials; nothing to search")

@@ -287,17 +287,23 @@ class StopOnSignal(keras.callbacks.Callback):
 
 class StopAt(keras.callbacks.Callback):
     """Ends a fit after the batch during which the clock passed `when` (epoch seconds): a time
-    budget's refit never runs into the budget's reserve, even when an epoch took longer than
-    planned. Says so in one line."""
+    budget's refit never runs into the budget's reserve, nor a search's trial into the refit's
+    time, even when an epoch took longer than planned. `label` says what stopped, in one line
+    (None: nothing printed)."""
 
-    def __init__(self, when: float):
+    def __init__(self, when: float, label: str | None = "refit: stopped at the time budget's end"):
         super().__init__()
-        self.when, self.stopped = when, False
+        self.when, self.label, self.stopped = when, label, False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.stopped and time.time() >= self.when:
             self.stopped = self.model.stop_training = True
-            print(f"refit: stopped at the time budget's end (epoch cut short at batch {batch + 1})", flush=True)
+            self.where = f"epoch {self.epoch + 1} cut short at batch {batch + 1}"
+            if self.label:
+                print(f"{self.label} ({self.where})", flush=True)
 
 
 class KeepModel(keras.callbacks.Callback):

@@ -232,6 +232,32 @@ def test_a_study_made_before_rungs_resumes_with_plain_trials(tiny, digits):
     assert len(outcome.study.trials) == 2 and 0 < outcome.metrics["test_accuracy"] <= 1
 
 
+def test_a_trial_still_training_when_the_search_share_ends_is_cut(tiny, digits, capsys):
+    """A configuration far slower than the estimate must not eat the refit's time: its fit stops at
+    the search's end; pruned where the study has a result, kept where it has none."""
+    space = load_space(tiny.search_space)
+    s = tiny.replace(n_trials=3, epochs=1000, patience=1000, pruner="none")  # minutes of digits, uncut
+    for has_result in (False, True):
+        study, _ = join_study(s.replace(study_name=f"cut-{has_result}"), space)
+        if has_result:  # a result whose seconds nothing estimates from (no epochs_run)
+            study.add_trial(optuna.trial.create_trial(value=0.1))
+        tracker = Tracker(s, study)
+        run_search(study, Objective(digits, space, s, tracker), s, until=time.time() + 5)
+        tracker.finish()
+        cut = study.trials[-1]
+        assert len(study.trials) == 1 + has_result, "nothing starts after the search's end"
+        assert cut.state.name == ("PRUNED" if has_result else "COMPLETE")
+        assert cut.user_attrs[names.CUT].startswith("the search's share of the time budget ended: fold 1, epoch ")
+        run_ = tracker.client.get_run(cut.user_attrs[names.MLFLOW_RUN_ID])
+        assert run_.data.tags["optuna.trial_state"] == cut.state.name
+        epochs = len(tracker.client.get_metric_history(run_.info.run_id, "val_accuracy"))
+        assert 1 <= epochs < 1000
+        if not has_result:
+            assert cut.user_attrs[names.EPOCHS_RUN] == epochs
+    out = capsys.readouterr().out
+    assert out.count("cut short, the search's share") == 2 and "kept, the study has no other result" in out
+
+
 def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
     """Warm starts are enqueued before the rungs are fixed: a fresh study so started is not taken
     for one made before rungs."""
