@@ -59,16 +59,31 @@ def _probe(params: dict, data: Dataset, rows, seed: int) -> Cost:
     return probe(params, data.x_train, data.y_train, rows, data.input_shape, data.n_classes, seed=seed)
 
 
-def _a_configuration(space: SearchSpace, warm: dict | None, seed: int) -> dict:
-    """What the first probe trains: the first warm start, else a configuration sampled from the space."""
-    if warm:
-        return next(iter(warm.values()))
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
-    try:
-        return space.sample(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask())
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+PROBES = 3  # configurations a plan without a warm start probes
+
+
+def _planning_probe(command: str, study, space: SearchSpace, warm: dict | None, data: Dataset, rows,
+                    settings: Settings) -> tuple[dict, Cost]:
+    """(params, cost) the plan goes by before any evaluation: `refit` probes the configuration it
+    refits, a search the first warm start, else PROBES configurations sampled from the space and
+    takes the one of median cost, so that a space whose configurations differ tenfold in cost
+    (modern.yaml) is not planned from its cheapest or its dearest."""
+    if command == "refit":
+        choices = [_best_params(study, settings)]
+    elif warm:
+        choices = [next(iter(warm.values()))]
+    else:
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+        try:
+            sampled = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings.seed))
+            choices = [space.sample(sampled.ask()) for _ in range(PROBES)]
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+    probed = sorted(((_probe(params, data, rows, settings.seed), params) for params in choices),
+                    key=lambda cp: cp[0].epoch(len(rows)))
+    cost, params = probed[len(probed) // 2]
+    return params, cost
 
 
 def _startup(plan: Plan, rungs: list[int], cost: Cost, rows: tuple[int, int], workers: int, epochs: int) -> int:
@@ -112,9 +127,7 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             if command in REFITS or (command == "search" and settings.rung_epochs is None
                                      and names.RUNGS not in study.user_attrs):
                 train_rows = objective.splits[0].train_rows if objective else range(len(data.y_train))
-                params = (_best_params(study, settings) if command == "refit"
-                          else _a_configuration(space, warm, settings.seed))
-                cost = _probe(params, data, train_rows, settings.seed)
+                params, cost = _planning_probe(command, study, space, warm, data, train_rows, settings)
                 forwards = forward_images(params, len(data.test))
             plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1], forward_images=forwards)
             print(plan.line(), flush=True)
