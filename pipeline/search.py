@@ -158,7 +158,6 @@ class Objective:
         extra = {"params": folds[0]["params_count"], names.LATENCY_MS: summary.get(names.LATENCY_MS)}
         return (value, *(float(extra[name]) for name in s.objective_names[1:]))
 
-
     @staticmethod
     def _cut(trial: optuna.Trial, where: str) -> None:
         """A fit cut short at the search's end: pruned, unless no trial of the study is complete."""
