@@ -204,7 +204,7 @@ class Tracker:
         """`run_name`: the parent's name (default: the study's). `wait_for_parent`: another
         worker has just created the study (see `pipeline.study.join_study`) and is about to
         store its parent run id: wait for it. `device`: which device trains, tagged on the
-        parent, worker and child runs."""
+        worker and child runs, and on the parent where it has none yet."""
         self.client = store_client()
         self.settings, self.study, self.device = settings, study, device
         self._loggers: dict[str, list[EpochLogger]] = {}
@@ -237,8 +237,10 @@ class Tracker:
         experiment = self.client.get_experiment(self.experiment_id)
         if EXPERIMENT_KIND[0] not in experiment.tags:  # a kind the user chose stays
             race_safe(self.client.set_experiment_tag, self.experiment_id, *EXPERIMENT_KIND)
-        if self.device:
-            for run_id in filter(None, (self.parent_run_id, self.worker_run_id)):
+        if self.device:  # the parent keeps the device of the process that tagged it first (`main`, not
+            # the workers it starts); each worker's and child run carries its own
+            tagged = [self.worker_run_id] + ([] if "device" in parent.data.tags else [self.parent_run_id])
+            for run_id in filter(None, tagged):
                 race_safe(self.client.set_tag, run_id, "device", self.device)
         if study is not None:
             self._describe_parent(parent)

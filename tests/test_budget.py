@@ -279,9 +279,13 @@ def test_workers_under_a_budget_train_the_plans_capped_trials(tiny, tmp_path, di
     monkeypatch.chdir(tmp_path)  # the workers' logs go to ./worker-logs
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="off", time_budget=60,
                      epochs=2000, patience=2000, n_trials=4, refit_epochs=1)
-    run_study("main", s, digits, load_space(s.search_space), started=time.time())
+    outcome = run_study("main", s, digits, load_space(s.search_space), started=time.time(), device="main's device")
     cap = int(re.search(r"trials of at most (\d+) epoch", capsys.readouterr().out).group(1))
     assert cap < 2000
     study = optuna.load_study(study_name=s.study, storage=journal(tmp_path / "study.journal"))
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert done and all(t.user_attrs[names.EPOCHS_RUN] <= cap for t in done), [t.user_attrs for t in done]
+    runs = runs_of(s.experiment_name)  # the workers tag their own trials' device, not the parent's
+    assert next(r for r in runs if r.info.run_id == outcome.parent_run_id).data.tags["device"] == "main's device"
+    trial_devices = {r.data.tags.get("device") for r in runs if r.data.tags.get("mlflow.runName", "").startswith("trial-")}
+    assert trial_devices and all(d.startswith("CPU (") for d in trial_devices), trial_devices
