@@ -75,7 +75,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
     from pipeline.space import load_space
     from pipeline.warm_start import load_configurations
 
-    space = load_space(settings.search_space)
+    space = load_space(settings.search_space) if command != "baselines" else None  # baselines name their own
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     check_tracking_uri(uri)
     if command != "space" and urlsplit(uri).scheme in ("http", "https"):

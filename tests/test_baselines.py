@@ -118,7 +118,8 @@ def test_each_baseline_trains_one_epoch_on_tiny_data(name):
 
 
 def test_baselines_command_logs_one_tagged_run_per_baseline(settings, digits, capsys):
-    s = settings.replace(epochs=1, only="toy_1conv,lab_final,airbench93")
+    # the documents name their spaces: the search's `search_space` is not needed (nor read)
+    s = settings.replace(epochs=1, only="toy_1conv,lab_final,airbench93", search_space="no-such-space.yaml")
     run("baselines", s, data=digits)
     assert digits.test.opened
     runs = runs_of("test-experiment")
