@@ -99,6 +99,8 @@ def run(command: str, settings: Settings, data=None) -> dict:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
     if command in (*SEARCHES, "baselines"):
         check_splittable(data, settings.cv_folds if command in SEARCHES else 1)
+    if command in SEARCHES:
+        print(settings.space_line, flush=True)
     device = configure(settings)  # precision; names the device for the MLflow tags
     from pipeline.core import run_study
 

@@ -22,6 +22,8 @@ METRICS = ("val_accuracy", "val_loss")  # the validation metrics a fit reports
 BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's backends
 SEARCHES = ("main", "search")  # the commands that search
 REFITS = ("main", "refit")  # the commands that refit and test
+SEED_SPACE = "search_spaces/seed.yaml"  # the default space: the tutorial's, for digits and CIFAR-10
+FOLDER_SPACE = "search_spaces/photos.yaml"  # the default space of an image folder: a user's own photos
 
 
 def _param(default, help):
@@ -31,7 +33,8 @@ def _param(default, help):
 @dataclass(frozen=True)
 class Settings:
     dataset: str = _param("digits", "digits, cifar10, a CIFAR-10 python archive/folder, or an image folder")
-    search_space: str = _param("search_spaces/seed.yaml", "search-space YAML file")
+    search_space: str = _param("", f"search-space YAML file (default: {FOLDER_SPACE} for an image folder, "
+                                   f"{SEED_SPACE} otherwise)")
     n_trials: int = _param(20, "trial budget of the whole study (all workers together)")
     timeout: int = _param(0, "study-wide deadline: seconds after the first worker starts (0 = no limit)")
     epochs: int = _param(10, "epoch cap of each trial")
@@ -81,6 +84,10 @@ class Settings:
                              "threads then counts per worker (0 = the cores split between them)")
 
     def __post_init__(self):
+        if not self.search_space:  # the default depends on the dataset
+            from pipeline.data import is_image_folder
+
+            object.__setattr__(self, "search_space", FOLDER_SPACE if is_image_folder(self.dataset) else SEED_SPACE)
         checks = [
             (self.n_trials >= 1, "n_trials", "must be >= 1"),
             (self.epochs >= 1, "epochs", "must be >= 1"),
@@ -114,6 +121,13 @@ class Settings:
                 raise PipelineError(f"{name}={getattr(self, name)!r}: {why}")
         self.select_rules  # noqa: B018 -- parses (and so validates) objectives and select now
         self.rung_epochs  # noqa: B018 -- and rungs
+
+    @property
+    def space_line(self) -> str:
+        """The space in one line, and where it is an image folder's default, that it is."""
+        if self.search_space != FOLDER_SPACE:
+            return f"search space: {self.search_space}"
+        return f"search space: {FOLDER_SPACE}, the default of an image folder (search_space={SEED_SPACE}: the tutorial's)"
 
     @property
     def keras_backend(self) -> str:

@@ -305,6 +305,13 @@ def check_dataset_name(name: str) -> None:
         raise PipelineError(f"dataset={name!r}: not a known dataset (digits, cifar10) and no such file or folder")
 
 
+def is_image_folder(name: str) -> bool:
+    """`dataset` names an image folder (`<class>/<image>`, or train/ and test/ of them), not
+    CIFAR-10's python folder (which holds `data_batch_1`)."""
+    path = Path(name).expanduser()
+    return path.is_dir() and not (path / "data_batch_1").is_file()
+
+
 def _load(name: str, seed: int, image_size: int) -> Dataset:
     check_dataset_name(name)
     if name == "digits":
@@ -315,10 +322,10 @@ def _load(name: str, seed: int, image_size: int) -> Dataset:
         path = Path(name).expanduser()
         if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
             data = load_cifar10_archive(path)
-        elif path.is_dir() and (path / "data_batch_1").is_file():
-            data = load_cifar10_folder(path)
-        elif path.is_dir():
+        elif is_image_folder(name):
             return load_image_folder(path, seed, image_size)
+        elif path.is_dir():
+            data = load_cifar10_folder(path)
         else:
             raise PipelineError(f"dataset={name!r}: expected a folder or a cifar-10-python.tar.gz archive")
     return resize(data, image_size) if image_size else data

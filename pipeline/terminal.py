@@ -120,7 +120,8 @@ def summary(study: optuna.Study, settings: Settings, parent_run_id: str, metrics
     """Lines for the end of a command: trials by state, best trial, test scores, where to look."""
     states = collections.Counter(t.state.name for t in study.get_trials(deepcopy=False))
     by_state = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
-    lines = [f"study {study.study_name!r}: {sum(states.values())} trials ({by_state}), budget {settings.n_trials}"]
+    lines = [f"study {study.study_name!r}: {sum(states.values())} trials ({by_state}), budget {settings.n_trials}",
+             settings.space_line]
     best = best_or_none(study, settings)
     label = f"Pareto trial picked by select={settings.select or 'most accurate'}" if settings.multi_objective else "best trial"
     if best is None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import FOLDER_SPACE, SEED_SPACE, Settings
 from pipeline.data import CIFAR10_CLASSES, load_dataset
 from pipeline.errors import PipelineError
 
@@ -165,9 +166,20 @@ def test_cifar10_offline_without_cache_says_how_to_use_a_local_copy(tmp_path, mo
         load_dataset("cifar10")
 
 
-def test_a_search_on_an_image_folder_logs_the_folder_as_its_datasets_source(tmp_path, settings):
-    """A study on an image folder (the CIFAR-10 recipe's kind of data) runs end to end, and
-    its runs' datasets name the folder as their source."""
+def test_an_image_folder_defaults_to_the_photos_space_and_digits_and_cifar10_to_the_seed(tmp_path):
+    write_images(tmp_path / "pets", n=2)
+    (tmp_path / "cifar").mkdir()
+    (tmp_path / "cifar" / "data_batch_1").write_bytes(b"")
+    assert Settings(dataset=str(tmp_path / "pets")).search_space == FOLDER_SPACE == "search_spaces/photos.yaml"
+    for dataset in ("digits", "cifar10", str(tmp_path / "cifar"), str(tmp_path / "cifar.tar.gz")):
+        assert Settings(dataset=dataset).search_space == SEED_SPACE == "search_spaces/seed.yaml", dataset
+    assert Settings(dataset=str(tmp_path / "pets"), search_space="x.yaml").search_space == "x.yaml"
+    assert Settings().replace(dataset=str(tmp_path / "pets")).search_space == SEED_SPACE, "as resolved"
+
+
+def test_a_search_on_an_image_folder_logs_the_folder_as_its_datasets_source(tmp_path, settings, capsys):
+    """A study on an image folder (the CIFAR-10 recipe's kind of data) runs end to end on the
+    folder's default space, says so, and its runs' datasets name the folder as their source."""
     import json
 
     import mlflow
@@ -175,9 +187,16 @@ def test_a_search_on_an_image_folder_logs_the_folder_as_its_datasets_source(tmp_
     from pipeline.cli import run
 
     write_images(tmp_path / "pets", n=12)
-    run("main", settings.replace(dataset=str(tmp_path / "pets"), n_trials=1, epochs=1))
+    run("main", settings.replace(dataset=str(tmp_path / "pets"), search_space="", n_trials=1, epochs=1))
+    out = capsys.readouterr().out
+    line = "search space: search_spaces/photos.yaml, the default of an image folder (search_space=search_spaces/seed.yaml"
+    assert out.count(line) == 2, out  # at the start and in the summary
     runs = mlflow.search_runs(experiment_names=["test-experiment"], output_format="list")
     assert len(runs) == 2  # the parent and its trial
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["search_space"] == "search_spaces/photos.yaml"
+    trial = next(r for r in runs if r is not parent)
+    assert trial.data.params["whiten"] == "True" and trial.data.params["tta"] == "flip"
     for r in runs:
         sources = {json.loads(d.dataset.source)["uri"] for d in r.inputs.dataset_inputs}
         assert sources == {str(tmp_path / "pets")}, sources
