@@ -181,9 +181,11 @@ def _history(study: optuna.Study) -> list[tuple[int, float]]:
 
 def _no_time(study: optuna.Study, objective: Objective, until: float | None, cost: Cost | None) -> str | None:
     """Why the next evaluation should not start before `until` (None: it may): it could not
-    finish by then, as far as this machine's evaluations so far (or the probe) tell."""
-    if until is None:
-        return None
+    finish by then, as far as this machine's evaluations so far (or the probe) tell. A study with
+    no complete trial starts one whatever the time, so that a refit has a configuration (a slow
+    machine's probe can leave a small budget's search too little time for one evaluation)."""
+    if until is None or not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return None  # with no result yet one starts anyway, for the refit: cut at `until`, it is kept
     rung = next_rung(study) if objective.rungs else None
     epochs = objective.epochs(rung) * objective.settings.cv_folds
     seconds = evaluation_seconds(epochs, _history(study), cost, *objective.rows) or 0.0

@@ -258,6 +258,28 @@ def test_a_trial_still_training_when_the_search_share_ends_is_cut(tiny, digits, 
     assert out.count("cut short, the search's share") == 2 and "kept, the study has no other result" in out
 
 
+def test_a_search_share_too_short_for_one_evaluation_still_gives_the_refit_one(tiny, digits, capsys):
+    """On a slow machine a small budget's probe can leave the search less than an evaluation:
+    a study without a result starts one anyway (cut at the share's end, kept); one with a result
+    starts none."""
+    space = load_space(tiny.search_space)
+    s = tiny.replace(n_trials=3, epochs=1000, patience=1000, pruner="none")
+    slow = Cost(setup=500.0, batch=50.0, batch_size=32)  # the probe's word: an evaluation takes hours
+    for has_result in (False, True):
+        study, _ = join_study(s.replace(study_name=f"short-{has_result}"), space)
+        if has_result:
+            study.add_trial(optuna.trial.create_trial(value=0.1))
+        tracker = Tracker(s, study)
+        run_search(study, Objective(digits, space, s, tracker), s, until=time.time() + 2, cost=slow)
+        tracker.finish()
+        assert len(study.trials) == 1, [t.state.name for t in study.trials]
+        assert study.trials[0].state.name == "COMPLETE"
+        if not has_result:
+            assert study.trials[0].user_attrs[names.CUT].startswith("the search's share of the time budget ended")
+    out = capsys.readouterr().out
+    assert out.count("no more evaluations start") == 2 and "kept, the study has no other result" in out
+
+
 def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
     """Warm starts are enqueued before the rungs are fixed: a fresh study so started is not taken
     for one made before rungs."""
