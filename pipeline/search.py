@@ -162,11 +162,15 @@ class Objective:
     def _cut(trial: optuna.Trial, where: str) -> None:
         """A fit cut short at the search's end: pruned, unless no trial of the study is complete."""
         trial.set_user_attr(names.CUT, where)
-        done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        done = _has_result(trial.study)
         print(f"trial {trial.number}: cut short, {where}" + ("" if done else "; kept, the study has no other result"),
               flush=True)
         if done:
             raise optuna.TrialPruned(where)
+
+
+def _has_result(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def _history(study: optuna.Study) -> list[tuple[int, float]]:
@@ -184,8 +188,8 @@ def _no_time(study: optuna.Study, objective: Objective, until: float | None, cos
     finish by then, as far as this machine's evaluations so far (or the probe) tell. A study with
     no complete trial starts one whatever the time, so that a refit has a configuration (a slow
     machine's probe can leave a small budget's search too little time for one evaluation)."""
-    if until is None or not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        return None  # with no result yet one starts anyway, for the refit: cut at `until`, it is kept
+    if until is None or not _has_result(study):
+        return None  # cut at `until`, it is kept
     rung = next_rung(study) if objective.rungs else None
     epochs = objective.epochs(rung) * objective.settings.cv_folds
     seconds = evaluation_seconds(epochs, _history(study), cost, *objective.rows) or 0.0
