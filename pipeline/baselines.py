@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Settings
-from pipeline.model import with_tta
+from pipeline.model import inference_batch, with_tta
 from pipeline.refit import score
 from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, train, validation_splits
@@ -38,7 +38,7 @@ def train_and_test(params: dict, split, data, x_test, y_test, settings: Settings
                     seed=settings.seed)
     metrics["seconds"] = time.perf_counter() - start
     model = with_tta(keep.model, params.get("tta", "none"))  # scored with its test-time views, as a refit is
-    y_pred = model.predict(x_test, verbose=0, batch_size=256).argmax(axis=1)
+    y_pred = model.predict(x_test, verbose=0, batch_size=inference_batch(x_test.shape[1:])).argmax(axis=1)
     metrics.update(score(y_test, y_pred, data.class_names)[0])
     return metrics
 

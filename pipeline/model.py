@@ -128,17 +128,20 @@ class Whitening(layers.Layer):
 WHITEN_EPS = 5e-4
 
 
-def whitening_filters(x_train: np.ndarray, k: int, eps: float = WHITEN_EPS, chunk: int = 1024):
+def whitening_filters(x_train: np.ndarray, k: int, eps: float = WHITEN_EPS, chunk_mb: int = 32):
     """(kernel (k, k, C, 2 k^2 C), bias (2 k^2 C,)) of a `Whitening` stem for the uint8 images
     `x_train` (n, height, width, C), scaled to [0, 1] as the model scales them: the
     eigenvectors of the covariance of their k x k patches (largest eigenvalue first), each
     divided by sqrt(eigenvalue + eps x the mean patch-pixel variance), then their negatives;
     the bias centres each filter's output on these patches (minus the filter's response to
     the mean patch), so the stem's first k^2 C outputs have about the identity covariance and
-    mean 0 on them, and the others are their negatives. Float64 sums, `chunk` images at a time."""
-    d = k * k * x_train.shape[-1]
+    mean 0 on them, and the others are their negatives. Float64 sums over as many images at a
+    time as keep their patches within `chunk_mb` (at 64 px, 1,024 images' patches took 390 MB)."""
+    n, height, width, channels = x_train.shape
+    d = k * k * channels
+    chunk = max(1, (chunk_mb << 20) // ((height - k + 1) * (width - k + 1) * d * 8))
     total, outer, count = np.zeros(d), np.zeros((d, d)), 0
-    for start in range(0, len(x_train), chunk):
+    for start in range(0, n, chunk):
         images = x_train[start:start + chunk].astype(np.float64) / 255
         windows = np.lib.stride_tricks.sliding_window_view(images, (k, k), axis=(1, 2))  # (b, h', w', C, k, k)
         patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, d)  # in the kernel's (k, k, C) order
@@ -489,15 +492,32 @@ def with_tta(model: keras.Model, tta: str) -> keras.Model:
 
 LATENCY_IMAGES = 256  # images `latency_ms` is timed on (a trial's validation rows, the refit's test rows)
 LATENCY_REPEATS = 5  # timed passes over them, after one warm-up pass
+INFERENCE_PIXELS = 256 * 32 * 32  # pixels a forward pass outside training takes at most: 256 CIFAR-10 images
+
+
+def inference_batch(input_shape: tuple) -> int:
+    """Images per forward pass when scoring or timing a model: as many as hold INFERENCE_PIXELS,
+    at most 256 (256 at CIFAR-10's size and below, 64 at 64 px). A pass's activations grow
+    with its pixels: at 64 px, passes of 256 images of photos.yaml's widest net held about 0.5 GB
+    more than passes of 64 (bench/README.md)."""
+    height, width = input_shape[:2]
+    return max(1, min(256, INFERENCE_PIXELS // (height * width)))
 
 
 def latency_ms(model: keras.Model, x: np.ndarray, repeats: int = LATENCY_REPEATS) -> float:
-    """Inference milliseconds per image: the fastest of `repeats` timed forward passes over
-    the batch `x` (after one warm-up pass), divided by its size."""
-    model(x, training=False)
+    """Inference milliseconds per image: the fastest of `repeats` timed passes over the images
+    `x` (after one warm-up pass), each in forward passes of `inference_batch` images, divided by
+    their count."""
+    step = inference_batch(x.shape[1:])
+
+    def one_pass():
+        for first in range(0, len(x), step):
+            model(x[first:first + step], training=False)
+
+    one_pass()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(x, training=False)
+        one_pass()
         times.append(time.perf_counter() - start)
     return 1000 * min(times) / len(x)

@@ -25,7 +25,7 @@ from sklearn.metrics import accuracy_score, classification_report, precision_rec
 from pipeline import names
 from pipeline.best import best_trial
 from pipeline.config import Settings
-from pipeline.model import LATENCY_IMAGES, LATENCY_REPEATS, latency_ms, tta_views, with_tta
+from pipeline.model import LATENCY_IMAGES, LATENCY_REPEATS, inference_batch, latency_ms, tta_views, with_tta
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
 from pipeline.tracking import Tracker, log_datasets, log_metrics
@@ -87,7 +87,7 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     x_test, y_test = data.test.open()
     log_datasets(client, run_id, [(data.lineage(data.x_train, data.y_train), "training"),
                                   (data.lineage(x_test, y_test), "test")])
-    probabilities = model.predict(x_test, verbose=0, batch_size=256)
+    probabilities = model.predict(x_test, verbose=0, batch_size=inference_batch(data.input_shape))
     y_pred = probabilities.argmax(axis=1)
     metrics, report, report_text = score(y_test, y_pred, data.class_names)
     metrics[f"best_{settings.metric}"] = best.values[0]

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
-from pipeline.model import (BoostedBatchNorm, Dirac, Whitening, build_model, latency_ms, set_whitening,
+from pipeline.model import (BoostedBatchNorm, Dirac, Whitening, build_model, inference_batch, latency_ms, set_whitening,
                             whitening_filters, with_tta)
 from pipeline.space import load_space
 from pipeline.train import (AlternatingFlips, Images, KeepModel, RowBatches, WeightAverage, fit_full, train,
@@ -331,6 +331,18 @@ def test_the_whitening_stem_whitens_its_training_patches(k):
     assert stem.trainable_weights == [stem.bias] and stem.non_trainable_weights == [stem.kernel]
 
 
+def test_the_whitening_filters_do_not_depend_on_how_many_images_are_summed_at_once():
+    """The patch sums run in chunks that bound their memory (`chunk_mb`; 0: one image at a
+    time): any chunking gives the filters of one chunk, up to each eigenvector's sign."""
+    x = correlated_images(64, 3)
+    (one_kernel, one_bias), (kernel, bias) = whitening_filters(x, 2, chunk_mb=64), whitening_filters(x, 2, chunk_mb=0)
+    d = 12
+    one, each = one_kernel.reshape(d, 2 * d), kernel.reshape(d, 2 * d)
+    signs = np.sign((one[:, :d] * each[:, :d]).sum(0))  # an eigenvector and its negative are one filter pair
+    np.testing.assert_allclose(each[:, :d] * signs, one[:, :d], atol=1e-4)
+    np.testing.assert_allclose(np.sort(bias), np.sort(one_bias), atol=1e-4)
+
+
 def test_the_whitening_filters_come_from_the_trials_training_rows_only():
     x, y = correlated_images(80, 1), np.arange(80) % CLASSES
     split = validation_splits(x, y, 1, 0.25, 0)[0]
@@ -421,6 +433,15 @@ def test_tta_averages_the_models_probabilities_over_its_views_and_saves_with_the
     loaded = keras.saving.load_model(tmp_path / "tta.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
     assert latency_ms(six, x) > latency_ms(model, x) > 0, "six views cost more than one"
+
+
+def test_scoring_and_timing_passes_hold_at_most_256_cifar_images_of_pixels():
+    """What bounds the refit's memory after its fit: at 64 px a pass of 256 images of the
+    photos space's widest net held about 0.5 GB more than one of 64."""
+    assert [inference_batch(s) for s in ((8, 8, 1), (32, 32, 3), (64, 64, 3), (1000, 1000, 3))] == [256, 256, 64, 1]
+    seen = []
+    assert latency_ms(lambda x, training: seen.append((len(x), training)), np.zeros((200, 64, 64, 3), "uint8")) > 0
+    assert seen == [(64, False), (64, False), (64, False), (8, False)] * 6, "a warm-up pass and 5 timed ones"
 
 
 def test_a_refit_with_tta_scores_and_serves_the_averaged_model(tmp_path, settings, digits):
