@@ -39,7 +39,15 @@ def use_backend(name: str) -> None:
     elif importlib.util.find_spec(name) is None:
         raise PipelineError(f"backend={name!r}: the {name} package is not installed "
                             f"(README, \"Backends and GPUs\", says how to install it)")
+    else:
+        sys.modules.update({unused: None for unused in UNUSED_IMPORTS.get(name, ()) if unused not in sys.modules})
     os.environ["KERAS_BACKEND"] = name
+
+
+# Packages a backend imports without needing them, kept out of the process (importing them then
+# fails, as their importer allows): TensorFlow's tf.lite imports JAX whenever it is installed,
+# about 1 s of TensorFlow's 7-13 s import and 130 MB resident (bench/README.md).
+UNUSED_IMPORTS = {"tensorflow": ("jax",)}
 
 
 def backend() -> str:

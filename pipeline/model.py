@@ -473,6 +473,13 @@ def tta_views(tta: str) -> list[tuple[float, list]]:
     return []
 
 
+def for_serving(model: keras.Model) -> keras.Model:
+    """A model of `model`'s layers (shared, weights not copied) without its training state: a
+    trained model saves its optimizer's variables too (Adam's two per weight: a 22 M-parameter
+    model saved in 251 MB, its layers alone in 83 MB), which no served model uses."""
+    return keras.Model(model.input, model.output, name=model.name)
+
+
 def with_tta(model: keras.Model, tta: str) -> keras.Model:
     """`model` predicting the weighted mean of its probabilities over the `tta` views of each
     image (`tta_views`; `none`: `model` itself). The result holds `model` and is what the refit

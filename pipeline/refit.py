@@ -25,7 +25,8 @@ from sklearn.metrics import accuracy_score, classification_report, precision_rec
 from pipeline import names
 from pipeline.best import best_trial
 from pipeline.config import Settings
-from pipeline.model import LATENCY_IMAGES, LATENCY_REPEATS, inference_batch, latency_ms, tta_views, with_tta
+from pipeline.model import (LATENCY_IMAGES, LATENCY_REPEATS, for_serving, inference_batch, latency_ms, tta_views,
+                            with_tta)
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
 from pipeline.tracking import Tracker, log_datasets, log_metrics
@@ -80,7 +81,7 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     with tracker.system_metrics(run_id, resume=True):
         model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs,
                          seed=settings.seed, callbacks=callbacks, stop_at=stop_at)
-    model = with_tta(model, params.get("tta", "none"))  # what is scored is what is served
+    model = with_tta(for_serving(model), params.get("tta", "none"))  # what is scored is what is served
     tracker.flush(run_id)
     fitted = time.perf_counter()
 

@@ -16,8 +16,8 @@ from conftest import ROOT
 
 from pipeline.dry_run import dry_run
 from pipeline.errors import PipelineError
-from pipeline.model import (BoostedBatchNorm, Dirac, Whitening, build_model, inference_batch, latency_ms, set_whitening,
-                            whitening_filters, with_tta)
+from pipeline.model import (BoostedBatchNorm, Dirac, Whitening, build_model, for_serving, inference_batch, latency_ms,
+                            set_whitening, whitening_filters, with_tta)
 from pipeline.space import load_space
 from pipeline.train import (AlternatingFlips, Images, KeepModel, RowBatches, WeightAverage, fit_full, train,
                             validation_splits)
@@ -206,6 +206,30 @@ def test_a_model_with_every_key_saved_and_loaded_predicts_the_same(tiny, tmp_pat
     assert np.abs(keras.ops.convert_to_numpy(stem)).max() > 1
     np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
 
+
+
+def optimizer_entries(path) -> list[str]:
+    """The names in a saved .keras file's weights that hold optimizer state."""
+    import io
+    import zipfile
+
+    import h5py
+
+    names = []
+    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+        weights.visit(lambda name: names.append(name) if "optimizer" in name else None)
+    return names
+
+
+def test_the_served_model_saves_the_trained_layers_without_the_optimizer(tiny, tmp_path):
+    model = fitted({**BASE, "optimizer": "adam"}, tiny)
+    for name, saved in (("trained", model), ("served", for_serving(model)), ("tta", with_tta(for_serving(model), "flip"))):
+        saved.save(tmp_path / f"{name}.keras")
+    assert optimizer_entries(tmp_path / "trained.keras"), "a trained model saves Adam's state"
+    assert not optimizer_entries(tmp_path / "served.keras") and not optimizer_entries(tmp_path / "tta.keras")
+    assert (tmp_path / "served.keras").stat().st_size < (tmp_path / "trained.keras").stat().st_size
+    loaded = keras.saving.load_model(tmp_path / "served.keras")
+    np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
 
 def test_the_global_max_head_is_a_scaled_bias_free_layer_on_max_pooled_features(tiny):
     model = fitted({**BASE, "dense_layers": 0, "head": "global_max", "head_scale": 0.125}, tiny)
