@@ -1,5 +1,5 @@
 """Distributed, resumable, crash-safe studies with real worker processes and real storages:
-three workers share a study on a journal file and on PostgreSQL within the global budget,
+two workers share a study on a journal file and on PostgreSQL within the global budget,
 a SIGKILLed worker's trial is failed, retried and its MLflow run closed, Ctrl-C and SIGTERM
 end the running trial as KILLED and the study resumes, a password never reaches MLflow.
 
@@ -180,18 +180,18 @@ def wait_until_training(timeout=120, proc=None):
 
 
 @pytest.mark.slow
-@pytest.mark.fresh_store  # three workers make the store's tables at once
-def test_three_workers_share_one_study_within_the_global_budget(workers, storage, tmp_path):
+@pytest.mark.fresh_store  # the workers make the store's tables at once
+def test_workers_share_one_study_within_the_global_budget(workers, storage, tmp_path):
     # as README's "Several GPUs on one machine" starts them: one worker per GPU, one storage
-    procs = [workers.start("--n-trials", "6", "--epochs", "1", env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(3)]
+    procs = [workers.start("--n-trials", "8", "--epochs", "1", env={"CUDA_VISIBLE_DEVICES": str(i)}) for i in range(2)]
     results = [workers.finish(p) for p in procs]
-    assert [code for code, _ in results] == [0, 0, 0], results
+    assert [code for code, _ in results] == [0, 0], results
 
     study = workers.study()
-    assert 6 <= counted_trials(study) <= 8, [t.state for t in study.trials]
+    assert 8 <= counted_trials(study) <= 10, [t.state for t in study.trials]
     configurations = {tuple(sorted(t.params.items())) for t in study.trials}
     assert len(configurations) == len(study.trials), "workers with one seed must not draw the same configurations"
-    assert len({t.user_attrs["worker_pid"] for t in study.trials}) >= 2, "the workers shared the trials"
+    assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 2, "the workers shared the trials"
 
     runs = runs_of("dist")
     parents = [r for r in runs if r.data.tags.get("pipeline.role") == "study"]

@@ -49,9 +49,9 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
 
 @pytest.mark.slow
 @pytest.mark.fresh_store
-def test_three_mlflow_run_workers_start_together_on_a_fresh_store(tmp_path, tracking_uri):
+def test_mlflow_run_workers_start_together_on_a_fresh_store(tmp_path, tracking_uri):
     """README "Storages and workers": `mlflow run . -e space` once makes the fresh MLflow store
-    (three workers creating it at once race in MLflow's own schema migration), then three
+    (workers creating it at once race in MLflow's own schema migration), then two
     `mlflow run . -e search` workers started together share one study and one parent run."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": tracking_uri}
@@ -61,9 +61,9 @@ def test_three_mlflow_run_workers_start_together_on_a_fresh_store(tmp_path, trac
                              timeout=300)
     assert prepare.returncode == 0, prepare.stderr[-3000:]
     workers = [subprocess.Popen([*common, "-e", "search", *study, "-P", "n_trials=3", "-P", "epochs=1"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     results = [w.communicate(timeout=300) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in results]
 
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("workers").experiment_id])
