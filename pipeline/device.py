@@ -27,6 +27,11 @@ from pipeline.errors import PipelineError
 
 INTER_OP_THREADS = 2  # parallel independent ops; more only adds contention on small CPUs
 
+# Packages a backend imports without needing them, kept out of the process (importing them then
+# fails, as their importer allows): TensorFlow's tf.lite imports JAX whenever it is installed,
+# about 0.25-1 s of TensorFlow's 5-13 s import and 100-130 MB resident (bench/README.md).
+UNUSED_IMPORTS = {"tensorflow": ("jax",)}
+
 
 def use_backend(name: str) -> None:
     """Make `name` the Keras backend of this process (KERAS_BACKEND, read at Keras' import)."""
@@ -42,12 +47,6 @@ def use_backend(name: str) -> None:
     else:
         sys.modules.update({unused: None for unused in UNUSED_IMPORTS.get(name, ()) if unused not in sys.modules})
     os.environ["KERAS_BACKEND"] = name
-
-
-# Packages a backend imports without needing them, kept out of the process (importing them then
-# fails, as their importer allows): TensorFlow's tf.lite imports JAX whenever it is installed,
-# about 1 s of TensorFlow's 7-13 s import and 130 MB resident (bench/README.md).
-UNUSED_IMPORTS = {"tensorflow": ("jax",)}
 
 
 def backend() -> str:

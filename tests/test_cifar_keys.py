@@ -207,7 +207,6 @@ def test_a_model_with_every_key_saved_and_loaded_predicts_the_same(tiny, tmp_pat
     np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
 
 
-
 def optimizer_entries(path) -> list[str]:
     """The names in a saved .keras file's weights that hold optimizer state."""
     import io
@@ -230,6 +229,7 @@ def test_the_served_model_saves_the_trained_layers_without_the_optimizer(tiny, t
     assert (tmp_path / "served.keras").stat().st_size < (tmp_path / "trained.keras").stat().st_size
     loaded = keras.saving.load_model(tmp_path / "served.keras")
     np.testing.assert_allclose(loaded.predict(tiny[0], verbose=0), model.predict(tiny[0], verbose=0), atol=1e-6)
+
 
 def test_the_global_max_head_is_a_scaled_bias_free_layer_on_max_pooled_features(tiny):
     model = fitted({**BASE, "dense_layers": 0, "head": "global_max", "head_scale": 0.125}, tiny)
