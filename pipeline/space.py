@@ -43,7 +43,7 @@ ACTIVATIONS = ("relu", "gelu")
 BLOCK_ORDERS = ("conv_bn_act", "conv_pool_bn_act")
 CONV_INITS = ("default", "dirac")
 TTAS = ("none", "flip", "flip_shift")
-WEIGHT_AVERAGES = ("none", "ema")
+WEIGHT_AVERAGES = ("none", "ema", "lookahead")
 
 # key -> (type, check on each value, what the check means)
 _POSITIVE = (lambda v: v >= 1, ">= 1")

@@ -137,19 +137,20 @@ def alternating_flips(params: dict, images: Images, seed: int) -> AlternatingFli
 
 
 class WeightAverage(keras.callbacks.Callback):
-    """airbench's weight averaging (`weight_average: ema`; its "lookahead"): every `every`
-    steps the average of all the model's weights, batch norm's moving statistics included (so
-    they match the averaged weights, as airbench averages its whole state), moves towards the
-    current ones, a <- d a + (1 - d) w, with a decay d = `base` ** `every` x progress ** 3 that
-    grows from 0 (the average is the current weights early on) to about 0.77 at the fit's end.
-    The averaged weights are what is validated (swapped in for each validation), what an
-    epoch ends with (so early stopping keeps and restores them, and pruning sees their
-    scores), and what the fit returns; training steps on the current weights. Must come
-    before the callbacks that read the model at an epoch's end."""
+    """airbench's weight averaging: every `every` steps the average of all the model's
+    weights, batch norm's moving statistics included (so they match the averaged weights, as
+    airbench averages its whole state), moves towards the current ones, a <- d a + (1 - d) w,
+    with a decay d = `base` ** `every` x progress ** 3 that grows from 0 (the average is the
+    current weights early on) to about 0.77 at the fit's end. `weight_average: ema` trains on
+    the current weights; `lookahead` (`copy_back`, airbench's own) then sets the model to the
+    average, so that training resumes from it. The averaged weights are what is validated
+    (swapped in for each validation), what an epoch ends with (so early stopping keeps and
+    restores them, and pruning sees their scores), and what the fit returns. Must come before
+    the callbacks that read the model at an epoch's end."""
 
-    def __init__(self, every: int = 5, base: float = 0.95):
+    def __init__(self, every: int = 5, base: float = 0.95, copy_back: bool = False):
         super().__init__()
-        self.every, self.base = every, base
+        self.every, self.base, self.copy_back = every, base, copy_back
         self.average = self.current = None
         self.step = 0
 
@@ -164,6 +165,8 @@ class WeightAverage(keras.callbacks.Callback):
                 self.model.jax_state_sync()
             decay = self.base ** self.every * min(self.step / self.total, 1.0) ** 3
             self.average = [decay * a + (1 - decay) * w for a, w in zip(self.average, self.model.get_weights())]
+            if self.copy_back:  # on JAX the synced state above makes the next step read these
+                self.model.set_weights(self.average)
 
     def _swap_in(self):
         if self.current is None:
@@ -196,7 +199,8 @@ def fit_callbacks(params: dict, images: Images, seed: int, middle: list) -> tupl
     """The callbacks of a fit of `params` around `middle` (the caller's): weight averaging
     first (the others read its weights), the signal check and alternating flips last; and the
     flips, which the training batches read."""
-    average = [WeightAverage()] if params.get("weight_average", "none") == "ema" else []
+    kind = params.get("weight_average", "none")
+    average = [WeightAverage(copy_back=kind == "lookahead")] if kind != "none" else []
     flips = alternating_flips(params, images, seed)
     return [*average, *middle, StopOnSignal(), *([flips] if flips else [])], flips
 

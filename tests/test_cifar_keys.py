@@ -61,7 +61,7 @@ conv_init: [default, dirac]
 whiten: [false, true]
 whiten_kernel: [2, 3]
 tta: [none, flip, flip_shift]
-weight_average: [none, ema]
+weight_average: [none, ema, lookahead]
 augment: {flip: [false, true, alternating]}
 """
 GOOD = """
@@ -108,7 +108,7 @@ def space_file(tmp_path, text: str):
     (GOOD + "whiten: [true, 0]\n", "key 'whiten': expected bool, got 0"),
     (GOOD + "whiten_kernel: 0\n", "key 'whiten_kernel': 0 must be >= 1"),
     (GOOD + "tta: mirror\n", "key 'tta': 'mirror' must be one of ('none', 'flip', 'flip_shift')"),
-    (GOOD + "weight_average: swa\n", "key 'weight_average': 'swa' must be one of ('none', 'ema')"),
+    (GOOD + "weight_average: swa\n", "key 'weight_average': 'swa' must be one of ('none', 'ema', 'lookahead')"),
     (GOOD + "augment: {flip: sometimes}\n", "key 'augment.flip': 'sometimes' must be true, false or 'alternating'"),
     (GOOD + "augment: {flip: [true, 2]}\n", "key 'augment.flip': expected bool or str, got 2"),
 ])
@@ -505,6 +505,18 @@ def test_weight_averaging_validates_keeps_and_returns_the_averaged_weights(tiny)
     for kind in ("kernel", "moving_mean"):  # the weights and batch norm's statistics are averaged
         pairs = [(a, b) for a, b in zip(averaged.weights, last.weights) if kind in a.path]
         assert pairs and any(not np.allclose(a.numpy(), b.numpy()) for a, b in pairs), kind
+
+
+def test_lookahead_resumes_training_from_the_average(tiny):
+    """`weight_average: lookahead` copies the average back into the network at each update, so
+    the fit goes elsewhere than `ema`'s (which trains on the current weights) from the same seed,
+    while `ema` twice ends in the same place (the difference is the copy, not noise)."""
+    x, y = tiny
+    fit = lambda kind: fit_full({**BASE, "weight_average": kind, "batch_size": 8}, x, y, SHAPE, CLASSES,  # noqa: E731
+                                epochs=2, seed=0).get_weights()  # 16 steps: updates at 5, 10 and 15
+    ema, again, ahead = fit("ema"), fit("ema"), fit("lookahead")
+    assert all(np.allclose(a, b) for a, b in zip(ema, again))
+    assert any(not np.allclose(a, b) for a, b in zip(ema, ahead))
 
 
 def test_weight_average_the_average_follows_the_schedule():
