@@ -1,11 +1,11 @@
 """An epoch of one configuration on each Keras backend, measured in one run on this CPU.
 
     python bench/backend_epoch.py --dataset ../shared/data/cifar10-sample --epochs 3 \
-        [--backends tensorflow jax torch] [--config search_spaces/airbench_start.yaml:airbench93]
+        [--backends tensorflow jax torch] [--config search_spaces/airbench_start.yaml:airbench94]
 
 Each backend trains in its own process (the backend is fixed when Keras is imported), one
 after the other, with the pipeline's `train` on the pipeline's validation split: the same
-configuration (by default the CIFAR-10 recipe's warm start, airbench93's network), data and
+configuration (by default the CIFAR-10 recipe's warm start, airbench94's network), data and
 seed. JAX trains jit-compiled (Keras' default there); TensorFlow and PyTorch as the pipeline
 runs them (no XLA on a CPU, PyTorch eager). `--extra-path DIR` goes on the children's
 PYTHONPATH (e.g. a `pip install --target DIR torch==2.13.0` beside the venv). Prints per
@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--dataset", default="../shared/data/cifar10-sample")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--backends", nargs="*", default=["tensorflow", "jax", "torch"])
-    ap.add_argument("--config", default="search_spaces/airbench_start.yaml:airbench93",
+    ap.add_argument("--config", default="search_spaces/airbench_start.yaml:airbench94",
                     help="a warm-start or baselines file and the configuration's name in it")
     ap.add_argument("--extra-path", default="", help="put on the children's PYTHONPATH (after the project)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

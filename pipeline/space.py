@@ -42,6 +42,7 @@ HEADS = ("flatten", "global_avg", "global_max")
 ACTIVATIONS = ("relu", "gelu")
 BLOCK_ORDERS = ("conv_bn_act", "conv_pool_bn_act")
 CONV_INITS = ("default", "dirac")
+POOL_PADDINGS = ("same", "valid")
 TTAS = ("none", "flip", "flip_shift")
 WEIGHT_AVERAGES = ("none", "ema", "lookahead")
 
@@ -99,6 +100,7 @@ TOP_SETTINGS = {  # top-level keys that are settings
     "bn_bias_lr": (float, *_ABOVE_ZERO),
     "block_order": _one_of(BLOCK_ORDERS),
     "conv_init": _one_of(CONV_INITS),
+    "pool_padding": _one_of(POOL_PADDINGS),
     "whiten": (bool, *_FLAG),
     "whiten_kernel": (int, *_POSITIVE),
     "tta": _one_of(TTAS),
@@ -124,7 +126,7 @@ OPTIONAL_DEFAULTS = {
     "augment": {"flip": False, "translate": 0, "cutout": 0},
     "top": {"head": "flatten", "activation": "relu", "head_scale": 1 / 9, "bn_scale": True, "bn_momentum": 0.9,
             "bn_bias_lr": 1.0, "block_order": "conv_bn_act", "conv_init": "default",
-            "whiten": False, "whiten_kernel": 2, "tta": "none",
+            "pool_padding": "same", "whiten": False, "whiten_kernel": 2, "tta": "none",
             "weight_average": "none"},
 }
 SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENSE_KEYS, "training": TRAINING_KEYS,

@@ -34,7 +34,7 @@ BASE = {"depth": 2,
         "optimizer": "nesterov", "learning_rate": 0.05, "batch_size": 32}
 # every key of this file switched on
 NEW = {"activation": "gelu", "head": "global_max", "head_scale": 0.125, "bn_scale": False, "bn_momentum": 0.6,
-       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac",
+       "bn_bias_lr": 16.0, "block_order": "conv_pool_bn_act", "conv_init": "dirac", "pool_padding": "valid",
        "whiten": True, "whiten_kernel": 2, "tta": "flip_shift", "weight_average": "ema",
        "augment_flip": "alternating"}
 NEW_PARAMS = set(NEW) - {"head", "augment_flip"}  # params no space had (head, augment_flip had other values)
@@ -58,6 +58,7 @@ bn_momentum: {low: 0.4, high: 0.9}
 bn_bias_lr: [1.0, 64.0]
 block_order: [conv_bn_act, conv_pool_bn_act]
 conv_init: [default, dirac]
+pool_padding: [same, valid]
 whiten: [false, true]
 whiten_kernel: [2, 3]
 tta: [none, flip, flip_shift]
@@ -105,6 +106,7 @@ def space_file(tmp_path, text: str):
     (GOOD + "block_order: conv_act_bn\n", "key 'block_order': 'conv_act_bn' must be one of ('conv_bn_act', "
                                             "'conv_pool_bn_act')"),
     (GOOD + "conv_init: he\n", "key 'conv_init': 'he' must be one of ('default', 'dirac')"),
+    (GOOD + "pool_padding: floor\n", "key 'pool_padding': 'floor' must be one of ('same', 'valid')"),
     (GOOD + "whiten: [true, 0]\n", "key 'whiten': expected bool, got 0"),
     (GOOD + "whiten_kernel: 0\n", "key 'whiten_kernel': 0 must be >= 1"),
     (GOOD + "tta: mirror\n", "key 'tta': 'mirror' must be one of ('none', 'flip', 'flip_shift')"),
@@ -149,9 +151,9 @@ def test_a_space_samples_the_keys_and_completes_them_with_the_builders_defaults(
     short = {k: v for k, v in BASE.items() if k not in ("dense_layers", "dense_dropout")}
     assert space.complete(short)["activation"] == "relu" and space.complete(short)["head"] == "flatten"
     full = space.complete(short)
-    keys = ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init", "whiten", "whiten_kernel",
-            "augment_flip")
-    assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", False, 2, False]
+    keys = ("head_scale", "bn_scale", "bn_momentum", "bn_bias_lr", "block_order", "conv_init", "pool_padding", "whiten",
+            "whiten_kernel", "augment_flip")
+    assert [full[k] for k in keys] == [1 / 9, True, 0.9, 1.0, "conv_bn_act", "default", "same", False, 2, False]
 
 
 def test_a_configuration_with_every_key_is_a_valid_warm_start_and_baseline(tmp_path):
@@ -294,6 +296,18 @@ def test_block_order_conv_pool_bn_act_pools_after_each_blocks_first_conv(tiny):
     today = [type(layer).__name__ for layer in build_model(BASE, SHAPE, 4).layers][2:-3]
     assert today == ["Conv2D", "BatchNormalization", "Activation", "Conv2D", "BatchNormalization", "Activation",
                      "MaxPooling2D", "Conv2D", "BatchNormalization", "Activation", "MaxPooling2D"], today
+
+
+def test_pool_padding_valid_floors_each_pooled_side_where_the_pool_fits():
+    params = {**BASE, "whiten": True, "block_order": "conv_pool_bn_act"}
+
+    def pooled_sides(p, shape):
+        return [layer.output.shape[1] for layer in build_model(p, shape, 4).layers
+                if isinstance(layer, keras.layers.MaxPooling2D)]
+
+    assert pooled_sides(params, SHAPE) == [8, 4]  # the stem's 15 pixels: ceil(15 / 2), then 4
+    assert pooled_sides({**params, "pool_padding": "valid"}, SHAPE) == [7, 3]  # floor, as PyTorch's and airbench's
+    assert pooled_sides({**params, "pool_padding": "valid"}, (4, 4, 3)) == [1, 1]  # 3 -> 1; then 1 < 2 stays "same"
 
 
 @pytest.mark.parametrize("size, inputs, filters", [(3, 4, 6), (3, 6, 4), (2, 3, 5), (1, 8, 16)])
