@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU check (issue 13): one search + refit of the GPU recipe (search_spaces/gpu.yaml, a
-# ResNet-9-like net) on CIFAR-10 images, JAX backend, mixed bfloat16, batch 512, on one GPU,
-# timed phase by phase. Made for the workplace's device machine (Python 3.12 with JAX
+# GPU check: one search + refit of the GPU recipe (search_spaces/gpu.yaml, airbench's network
+# sized for a GPU, warm-started with airbench94: gpu_start.yaml) on CIFAR-10 images, JAX backend
+# (jit-compiled), mixed bfloat16, batch 1024, on one GPU, inside a 5-minute time budget (load,
+# search, refit, test and logging: `--time-budget`), timed phase by phase. Made for the workplace's device machine (Python 3.12 with JAX
 # 0.11.2/cuda13, no TensorFlow, no network), and rehearsed on a CPU with --device cpu.
 #
 # Usage, from the repository root (or anywhere: it cds there):
-#   bench/gpu_check.sh                  # GPU: all 50,000 images, epochs 10, timeout 270 s, refit 16 epochs
-#   bench/gpu_check.sh --device cpu     # CPU rehearsal: 60 images a class, float32, batch 128, 1 epoch, 30 s
-#   options: --epochs E --timeout T --refit-epochs R --batch-size B --per-class N (0 = all)
+#   bench/gpu_check.sh                  # GPU: all 50,000 images, time budget 300 s, batch 1024
+#   bench/gpu_check.sh --device cpu     # CPU rehearsal: 60 images a class, float32, batch 128, budget 90 s
+#   options: --time-budget T --batch-size B --per-class N (0 = all)
 #
 # Carried inputs (both ignored by git through .git/info/exclude, so name them in `carry`):
 #   .whl/      35 Python 3.12 manylinux x86_64 wheels (--no-deps, one version each, 35 MB) of
@@ -21,11 +22,11 @@
 #              40,000 train = 32,000 + 8,000 validation per trial, 10,000 test).
 # Tree + .whl + .gpudata: ~51 MB (49 MiB; the device limit is 64 MiB).
 #
-# Device call (one call, ~7-9 minutes on an H100: search deadline 270 s plus the trial running
-# at it, refit 16 epochs of 40,000 images, test, logging; timeout_s=600 is the most a call gets):
+# Device call (one call, about 7 minutes: wheels and data ~1 min, the pipeline's 300 s budget;
+# timeout_s=600 is the most a call gets):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpudata"], timeout_s=600)
-# Batch 512 leaves a partial last batch in every split (32,000 / 512), one more XLA compile
-# each; `--batch-size 500` divides them all. --device cpu stays float32: the pipeline refuses
+# Batch 1024 leaves a partial last batch in every split (32,000 / 1024), one more XLA compile
+# each. --device cpu stays float32: the pipeline refuses
 # mixed precision without a GPU (and jaxlib 0.11.2's CPU backend turns a jitted bfloat16
 # conv -> relu -> conv into NaN on the AVX512-BF16 development CPU; 0.10.2 does not).
 #
@@ -44,13 +45,11 @@ export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-device=gpu epochs="" timeout="" refit_epochs="" batch="" per_class=""
+device=gpu budget="" batch="" per_class=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) device=$2; shift 2 ;;
-        --epochs) epochs=$2; shift 2 ;;
-        --timeout) timeout=$2; shift 2 ;;
-        --refit-epochs) refit_epochs=$2; shift 2 ;;
+        --time-budget) budget=$2; shift 2 ;;
         --batch-size) batch=$2; shift 2 ;;
         --per-class) per_class=$2; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -58,8 +57,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$device" in
-    gpu) : "${epochs:=10}" "${timeout:=270}" "${refit_epochs:=16}" "${batch:=512}" "${per_class:=0}"; mixed=1 ;;
-    cpu) : "${epochs:=1}" "${timeout:=30}" "${refit_epochs:=1}" "${batch:=128}" "${per_class:=60}"; mixed=0 ;;
+    gpu) : "${budget:=300}" "${batch:=1024}" "${per_class:=0}"; mixed=1 ;;
+    cpu) : "${budget:=90}" "${batch:=128}" "${per_class:=60}"; mixed=0 ;;
     *) echo "error: --device must be gpu or cpu" >&2; exit 2 ;;
 esac
 
@@ -74,7 +73,7 @@ trap 'exec 1>&- 2>&-; wait "$tee_pid" 2>/dev/null || true' EXIT   # let tee fini
 now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 T0=$(now)
-echo "gpu_check: device=$device epochs=$epochs timeout=$timeout refit_epochs=$refit_epochs batch=$batch" \
+echo "gpu_check: device=$device time_budget=$budget batch=$batch" \
      "per_class=$per_class mixed_precision=$mixed ($(date -u +%FT%TZ), $(nproc) cores)"
 
 # 1. wheels
@@ -132,8 +131,8 @@ export MLFLOW_TRACKING_URI=sqlite:///$WORK/mlflow.db
 t=$(now)
 status=0
 python3 -m pipeline main --backend jax --dataset "$dataset" --search-space "$ROOT/search_spaces/gpu.yaml" \
-    --mixed-precision "$mixed" --batch-size "$batch" --epochs "$epochs" --timeout "$timeout" \
-    --refit-epochs "$refit_epochs" --n-trials 100 --storage "sqlite:///$WORK/optuna.db" --study-name gpu-check \
+    --warm-start "$ROOT/search_spaces/gpu_start.yaml" --mixed-precision "$mixed" --batch-size "$batch" \
+    --time-budget "$budget" --n-trials 100 --storage "sqlite:///$WORK/optuna.db" --study-name gpu-check \
     --experiment-name gpu-check 2>&1 | tee "$WORK/pipeline.log" || status=$?
 pipeline_seconds=$(since "$t")
 

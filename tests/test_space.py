@@ -11,9 +11,16 @@ from conftest import ROOT
 from pipeline.errors import PipelineError
 from pipeline.model import build_model
 from pipeline.space import load_space
+from pipeline.warm_start import load_groups
 
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 SPACE_FILES = [p for p in SPACES if "configurations:" not in p.read_text()]  # not warm-start files
+
+
+@pytest.mark.parametrize("path", [p for p in SPACES if p not in SPACE_FILES], ids=lambda p: p.name)
+def test_every_shipped_configuration_file_is_valid_in_the_space_it_names(path):
+    groups = load_groups(path)
+    assert groups and all(configs for _, configs in groups), path
 
 
 def test_seed_space_is_the_tutorials():
