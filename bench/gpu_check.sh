@@ -2,8 +2,9 @@
 # GPU check: one search + refit of the GPU recipe (search_spaces/gpu.yaml, airbench's network
 # sized for a GPU, warm-started with airbench94: gpu_start.yaml) on CIFAR-10 images, JAX backend
 # (jit-compiled), mixed bfloat16, batch 1024, on one GPU, inside a 5-minute time budget (load,
-# search, refit, test and logging: `--time-budget`), timed phase by phase. Made for the workplace's device machine (Python 3.12 with JAX
-# 0.11.2/cuda13, no TensorFlow, no network), and rehearsed on a CPU with --device cpu.
+# search, refit, test and logging: `--time-budget`), timed phase by phase. Made for the
+# workplace's device machine (Python 3.12 with JAX 0.11.2/cuda13, no TensorFlow, no network),
+# and rehearsed on a CPU with --device cpu.
 #
 # Usage, from the repository root (or anywhere: it cds there):
 #   bench/gpu_check.sh                  # GPU: all 50,000 images, time budget 300 s, batch 1024
@@ -26,9 +27,9 @@
 # timeout_s=600 is the most a call gets):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpudata"], timeout_s=600)
 # Batch 1024 leaves a partial last batch in every split (32,000 / 1024), one more XLA compile
-# each. --device cpu stays float32: the pipeline refuses
-# mixed precision without a GPU (and jaxlib 0.11.2's CPU backend turns a jitted bfloat16
-# conv -> relu -> conv into NaN on the AVX512-BF16 development CPU; 0.10.2 does not).
+# each. --device cpu stays float32: the pipeline refuses mixed precision without a GPU (and
+# jaxlib 0.11.2's CPU backend turns a jitted bfloat16 conv -> relu -> conv into NaN on the
+# AVX512-BF16 development CPU; 0.10.2 does not).
 #
 # Prints: the card (nvidia-smi -L, else "CPU"), python/jax/jaxlib/keras/optuna/mlflow versions
 # and the devices JAX sees; the pipeline's output (data load, search progress, refit epochs,
