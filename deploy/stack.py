@@ -105,10 +105,14 @@ def wait_for_health(url: str, server: subprocess.Popen, log: Path, timeout: floa
 
 
 def start_server(folder: Path, command: list[str], password: str) -> subprocess.Popen:
-    """The MLflow server in its own session: it outlives `up`, and `down` stops its whole group."""
+    """The MLflow server in its own session: it outlives `up`, and `down` stops its whole group.
+    MLflow's job runner (six huey consumer processes, for GenAI jobs that training runs never
+    submit) stays off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise."""
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ,
+           "PGPASSWORD": password}
     with open(folder / "mlflow-server.log", "a") as out:
         return subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={"MLFLOW_DISABLE_TELEMETRY": "true", **os.environ, "PGPASSWORD": password})
+                                env=env)
 
 
 def restart(args) -> None:

@@ -75,15 +75,6 @@ def test_the_backend_setting_is_checked(monkeypatch, capsys):
     assert os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow"
 
 
-def test_a_tensorflow_process_keeps_the_installed_jax_out():
-    """tf.lite imports JAX whenever it is installed: about 1 s and 100 MB a process for nothing."""
-    code = ("import sys; from pipeline.device import use_backend; use_backend('tensorflow'); import keras; "
-            "from pipeline.train import train; print(keras.backend.backend(), sys.modules.get('jax', 'absent'))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
-    assert done.returncode == 0 and done.stdout.split()[-2:] == ["tensorflow", "None"], done.stdout + done.stderr[-2000:]
-
-
 JAX_CIFAR_KEYS = """
 import json, sys
 import keras, numpy as np

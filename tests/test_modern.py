@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -229,6 +230,8 @@ def test_cutout_zeroes_one_square_per_image():
 
 
 def test_saved_model_loads_in_a_fresh_process_and_through_the_pyfunc(tmp_path, digits):
+    """Also, in that TensorFlow process: an installed JAX stays out (tf.lite imports it whenever
+    it is installed: about 1 s and 100 MB a process for nothing; pipeline.device)."""
     model = build_model(MODERN, (8, 8, 1), 10, total_steps=10)
     path = tmp_path / "model.keras"
     model.save(path)
@@ -238,8 +241,11 @@ def test_saved_model_loads_in_a_fresh_process_and_through_the_pyfunc(tmp_path, d
     (tmp_path / "class_names.json").write_text(json.dumps({"class_names": [str(i) for i in range(10)]}))
     # a fresh process: the serving pyfunc registers the custom layers itself; then plain Keras
     code = f"""
-import sys, numpy as np, keras
+import sys
 sys.path.insert(0, {str(ROOT)!r})
+from pipeline.device import use_backend
+use_backend("tensorflow")
+import numpy as np, keras
 from pipeline.serving import ClassNameModel
 x, p = np.load({str(tmp_path / 'x.npy')!r}), np.load({str(tmp_path / 'p.npy')!r})
 served = ClassNameModel()
@@ -253,8 +259,11 @@ model = keras.saving.load_model({str(path)!r})
 np.testing.assert_array_equal(model.predict(x, verbose=0), p)
 model.optimizer.iterations.assign(5)  # one-cycle over 10 steps, warm-up 0.25: 2/3 of the peak
 assert abs(float(model.optimizer.learning_rate) - 0.05 * 2 / 3) < 1e-7 and model.loss.label_smoothing == 0.2
+from pipeline.train import train
+assert keras.backend.backend() == "tensorflow" and sys.modules.get("jax", "absent") is None, "JAX kept out"
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KERAS_BACKEND": "tensorflow"})
     assert result.returncode == 0, result.stderr[-2000:]
 
 
