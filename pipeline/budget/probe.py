@@ -50,5 +50,5 @@ def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed:
     batch = float(np.median(np.diff(ends[first:])))  # the median: a batch another process slowed counts little
     setup = max(0.0, ends[first] - start - (first + 1) * batch)
     del model
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)  # no full collection: see pipeline.train.fresh_start
     return Cost(setup, batch, batch_size)
