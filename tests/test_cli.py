@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline import interrupts
-from pipeline.cli import parse
+from pipeline.cli import main, parse
 from pipeline.train import train, validation_splits
 
 
@@ -120,9 +120,9 @@ def test_bad_input_leaves_an_existing_study_intact(tmp_path, tracking_uri, capsy
     assert after == before and len(after) == 2
 
 
-def test_refit_of_a_missing_study_is_a_clear_error(tmp_path, tracking_uri):
-    result = pipeline("refit", "--storage", f"sqlite:///{tmp_path}/o.db", "--study-name", "ghost")
-    assert result.returncode == 2 and "study_name='ghost': no such study" in result.stderr
+def test_refit_of_a_missing_study_is_a_clear_error(tmp_path, tracking_uri, capsys):
+    assert main(["refit", "--storage", f"sqlite:///{tmp_path}/o.db", "--study-name", "ghost"]) == 2
+    assert "study_name='ghost': no such study" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

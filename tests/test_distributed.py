@@ -22,6 +22,7 @@ import pytest
 from conftest import ROOT, runs_of
 from mlflow.tracking import MlflowClient
 
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.recover import HOST
 from pipeline import names
@@ -95,7 +96,8 @@ def storage(request, tmp_path):
 
 
 class Workers:
-    """`python -m pipeline <command>` processes on one study; all are killed at teardown."""
+    """`python -m pipeline <command>` processes on one study (all killed at teardown), and the
+    same commands run in this process."""
 
     def __init__(self, tmp_path, space_file, storage):
         self.tmp_path, self.storage, self.procs = tmp_path, storage, []
@@ -123,8 +125,13 @@ class Workers:
         proc.log.seek(0)
         return code, proc.log.read()
 
-    def run(self, *args, command="search") -> tuple[int, str]:
-        return self.finish(self.start(*args, command=command))
+    def here(self, capsys, *args, command="search") -> tuple[int, str]:
+        """The same command in this process (`pipeline.cli.main`): for a worker that is neither
+        killed nor signalled, without a process's imports (5-13 s of CPU)."""
+        capsys.readouterr()
+        code = main([command, *self.common, *args])
+        out = capsys.readouterr()
+        return code, out.out + out.err
 
     def study(self) -> optuna.Study:
         return optuna.load_study(study_name="dist", storage=make_storage(self.storage))
@@ -212,7 +219,7 @@ def test_workers_share_one_study_within_the_global_budget(workers):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_trial_is_failed_retried_and_its_run_closed(workers, storage):
+def test_a_killed_worker_trial_is_failed_retried_and_its_run_closed(workers, storage, capsys):
     doomed = workers.start("--n-trials", "1", *SLOW)
     victim = wait_until_training()
     doomed.send_signal(signal.SIGKILL)
@@ -222,13 +229,13 @@ def test_a_killed_worker_trial_is_failed_retried_and_its_run_closed(workers, sto
     assert victim.info.run_id == study.trials[0].user_attrs["mlflow_run_id"]
 
     if storage.startswith("journal"):  # no heartbeat: recovered by process id, here on demand
-        code, out = workers.run(command="recover")
+        code, out = workers.here(capsys, command="recover")
         assert code == 0 and "failed and requeued dead trials [0], closed their MLflow runs [0]" in out, out
         assert [t.state.name for t in workers.study().trials] == ["FAIL", "WAITING"]
     else:
         time.sleep(3)  # past the grace period: the heartbeat is stale
 
-    code, out = workers.run("--n-trials", "1", "--epochs", "1")  # the retried trial completes the study
+    code, out = workers.here(capsys, "--n-trials", "1", "--epochs", "1")  # the retried trial completes the study
     assert code == 0, out
     study = workers.study()
     assert study.trials[0].state.name == "FAIL"
@@ -365,7 +372,7 @@ def test_storage_urls_read_variables_from_the_environment_and_hide_passwords(tmp
 
 
 @pytest.mark.slow
-def test_a_worker_killed_after_the_last_trial_was_handed_out_leaves_nothing_running(sqlite_workers):
+def test_a_worker_killed_after_the_last_trial_was_handed_out_leaves_nothing_running(sqlite_workers, capsys):
     """Worker A takes trial 0 and is SIGKILLed; worker B then spends the rest of the budget
     (trials 1 and 2) before A's heartbeat is stale. B waits for it to go stale (bounded by the
     grace period), fails it and closes its MLflow run: once B exits no trial and no run is RUNNING."""
@@ -374,7 +381,7 @@ def test_a_worker_killed_after_the_last_trial_was_handed_out_leaves_nothing_runn
     victim = wait_until_training(proc=doomed)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    code, out = workers.run("--n-trials", "2", "--epochs", "1", "--grace-period", "8")
+    code, out = workers.here(capsys, "--n-trials", "2", "--epochs", "1", "--grace-period", "8")
     assert code == 0, out
     study = workers.study()
     assert counted_trials(study) == 2
