@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+import mlflow
 import optuna
 import pytest
 from conftest import ROOT, free_port
@@ -190,23 +191,30 @@ class Failing(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("env", [{}, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}], ids=["derived", "user-set"])
-def test_a_worker_waits_for_a_failing_tracking_server_as_long_as_its_patience(tmp_path, env):
+def test_a_worker_waits_for_a_failing_tracking_server_as_long_as_its_patience(tmp_path, env, monkeypatch, capsys):
     """grace_period 6 - heartbeat_interval 1: a patience of 5 s, so 2 retries of MLflow's client
-    (MLflow's own default: 7, about 4 minutes); a user's MLFLOW_HTTP_REQUEST_MAX_RETRIES wins."""
+    (MLflow's own default: 7, about 4 minutes); a user's MLFLOW_HTTP_REQUEST_MAX_RETRIES wins.
+    The worker runs in this process (`pipeline.cli.main`), which sets the environment's
+    MLflow retries for the command only."""
     Failing.api_requests = 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{server.server_address[1]}"
+    for name, value in {"MLFLOW_TRACKING_URI": uri, **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     try:
-        result = pipeline("search", "--dataset", "digits", "--storage", f"sqlite:///{tmp_path}/optuna.db",
-                          "--n-trials", "1", "--epochs", "1", "--grace-period", "6", "--heartbeat-interval", "1",
-                          env={"MLFLOW_TRACKING_URI": uri, **env})
+        code = main(["search", "--dataset", "digits", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                     "--n-trials", "1", "--epochs", "1", "--grace-period", "6", "--heartbeat-interval", "1"])
     finally:
         server.shutdown()
         server.server_close()
-    assert result.returncode == 75 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    stderr = capsys.readouterr().err
+    assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
         f"error: the tracking server {uri} did not answer within a worker's patience "
         "(grace_period - heartbeat_interval s; MLFLOW_HTTP_REQUEST_MAX_RETRIES overrides)")
     retries = int(env.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or tracking_patience(5)["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-    assert Failing.api_requests == retries + 1, result.stderr[-3000:]
+    assert Failing.api_requests == retries + 1, stderr[-3000:]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ or env, "the command's own retries are undone"
+    assert mlflow.active_run() is None, "no run left open in the process"
