@@ -196,11 +196,16 @@ class _HttpRetryLine(logging.Filter):
 
 
 def log_retries() -> None:
-    """One stderr line per retry of MLflow's HTTP client (urllib3 logs them, to no handler)."""
+    """One stderr line per retry of MLflow's HTTP client (urllib3 logs them, to no handler), on
+    the stderr of the command that calls it: a process running several commands (a test
+    session, a notebook) may have swapped sys.stderr, and closed the old one, in between."""
     logger = logging.getLogger("urllib3.connectionpool")
-    if any(isinstance(f, _HttpRetryLine) for f in logger.filters):
-        return
-    logger.addFilter(_HttpRetryLine())
-    logger.addHandler(logging.StreamHandler(sys.stderr))
-    logger.setLevel(logging.DEBUG)  # a retry after an error status is a DEBUG record
-    logger.propagate = False
+    if _RETRY_LINES not in logger.handlers:
+        logger.addFilter(_HttpRetryLine())
+        logger.addHandler(_RETRY_LINES)
+        logger.setLevel(logging.DEBUG)  # a retry after an error status is a DEBUG record
+        logger.propagate = False
+    _RETRY_LINES.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
+
+
+_RETRY_LINES = logging.StreamHandler(sys.stderr)  # log_retries' handler

@@ -10,6 +10,8 @@ and a real PostgreSQL restart: `deploy/drill.py`, figures in bench/README.md.)
 from __future__ import annotations
 
 import http.server
+import io
+import logging
 import os
 import socket
 import subprocess
@@ -25,7 +27,7 @@ from test_distributed import TINY_SPACE, postgres  # noqa: F401  (a fixture)
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
-from pipeline.retries import START_PATIENCE, Unreachable, tracking_patience
+from pipeline.retries import START_PATIENCE, Unreachable, log_retries, tracking_patience
 from pipeline.study import make_storage
 
 
@@ -171,6 +173,19 @@ def test_a_tracking_server_that_does_not_answer_at_the_start_is_one_line_and_exi
     assert all(line.startswith(f"the tracking server {uri}: [Errno 111] Connection refused; retry ")
                for line in lines[:-1]), lines
     assert not (tmp_path / "optuna.db").exists(), "nothing was made"
+
+
+def test_retry_lines_go_to_the_stderr_of_the_command_that_runs(monkeypatch):
+    """A process that runs several commands (a test session, a notebook) may swap sys.stderr,
+    and close the old one, between them: each command's retry lines go to its own."""
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    log_retries()
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    log_retries()
+    logging.getLogger("urllib3.connectionpool").debug("Retry: %s", "/api/2.0/mlflow/runs/get")
+    assert second.getvalue() == "tracking server: an error status; retrying /api/2.0/mlflow/runs/get\n"
 
 
 class Failing(http.server.BaseHTTPRequestHandler):
