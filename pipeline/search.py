@@ -230,11 +230,10 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
     # Objects alive now (modules, data, stores) live for the whole search: freezing them
     # keeps the garbage collection after each trial from rescanning them (~0.3 s a trial).
     # A process that froze its libraries itself (pipeline.process, the test session) keeps
-    # them frozen: no freeze here, nor the unfreeze after, that would thaw them.
-    own_freeze = not gc.get_freeze_count()
-    if own_freeze:
-        gc.collect()
-        gc.freeze()
+    # everything frozen after; any other gets its objects back when the search ends.
+    thaw = not gc.get_freeze_count()
+    gc.collect()
+    gc.freeze()
     try:
         with progress_bar(study, settings, min(ends) if ends else None) as bar:
             while counted_trials(study) < settings.n_trials:
@@ -247,6 +246,6 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
                 study.optimize(objective, n_trials=1, callbacks=[bar, *callbacks], gc_after_trial=True,
                                catch=(DuplicatePromotion,))
     finally:
-        if own_freeze:
+        if thaw:
             gc.unfreeze()
     settle(study, tracker.client, tracker.experiment_id, settings)
