@@ -195,6 +195,9 @@ class _HttpRetryLine(logging.Filter):
         return False
 
 
+_RETRY_LINES = logging.StreamHandler(sys.stderr)  # log_retries' handler
+
+
 def log_retries() -> None:
     """One stderr line per retry of MLflow's HTTP client (urllib3 logs them, to no handler), on
     the stderr of the command that calls it: a process running several commands (a test
@@ -206,6 +209,3 @@ def log_retries() -> None:
         logger.setLevel(logging.DEBUG)  # a retry after an error status is a DEBUG record
         logger.propagate = False
     _RETRY_LINES.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
-
-
-_RETRY_LINES = logging.StreamHandler(sys.stderr)  # log_retries' handler
