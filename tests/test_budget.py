@@ -215,7 +215,7 @@ def test_a_killed_workers_rung_evaluation_is_retried(tiny, tmp_path, digits):
     assert runs[str(retry.number)].info.status == "FINISHED" and runs[str(retry.number)].data.tags["rung"] == "1"
 
 
-def test_a_study_made_before_rungs_resumes_with_plain_trials(tiny, digits):
+def test_a_study_made_before_rungs_resumes_with_plain_trials(tiny, digits, capsys):
     space = load_space(tiny.search_space)
     s = tiny.replace(n_trials=1, epochs=1)
     study, _ = join_study(s, space)  # as the pipeline made studies before rungs: no `rungs` attr
@@ -226,7 +226,11 @@ def test_a_study_made_before_rungs_resumes_with_plain_trials(tiny, digits):
 
     with pytest.raises(PipelineError, match="was made without rungs"):
         run_study("search", s.replace(n_trials=2, rungs="1,3"), digits, space)
-    outcome = run_study("main", s.replace(n_trials=2, time_budget=30), digits, space, started=time.time())
+    # n_trials ends the search, not the budget: 60 s leaves room for a trial on a slow machine (30 s
+    # left none once: the refit's share and the reserve took the rest); a 1-epoch refit ends it soon
+    outcome = run_study("main", s.replace(n_trials=2, time_budget=60, refit_epochs=1), digits, space,
+                        started=time.time())
+    assert "rungs of" in capsys.readouterr().out, "the budget planned rungs, as for a new study"
     assert outcome.study.user_attrs[names.RUNGS] == []
     assert all(names.RUNG not in t.user_attrs for t in outcome.study.trials)
     assert len(outcome.study.trials) == 2 and 0 < outcome.metrics["test_accuracy"] <= 1
