@@ -257,9 +257,20 @@ def validation_splits(x, y, cv_folds: int, val_fraction: float, seed: int) -> li
 
 
 def scheduled_model(params: dict, input_shape: tuple, n_classes: int, train_images: int, epochs: int) -> keras.Model:
-    """`build_model` with the schedule spanning `epochs` passes over `train_images` images."""
+    """`build_model` with the schedule spanning `epochs` passes over `train_images` images, its
+    training state made (`make_training_state`)."""
     steps_per_epoch = math.ceil(train_images / params.get("batch_size", 32))
-    return build_model(params, input_shape, n_classes, total_steps=epochs * steps_per_epoch)
+    model = build_model(params, input_shape, n_classes, total_steps=epochs * steps_per_epoch)
+    make_training_state(model, input_shape)
+    return model
+
+
+def make_training_state(model: keras.Model, input_shape: tuple) -> None:
+    """Make the optimizer's and the metrics' variables before the fit, from the shapes alone, as
+    Keras does itself on JAX and under a distribution strategy. Left to the fit on TensorFlow, the
+    first trace of the train step makes them, and TensorFlow traces a function that makes variables
+    twice: a 2-epoch digits trial took 1.43 CPU s, 0.98 with its state made first (bench/README.md)."""
+    model._symbolic_build(data_batch=(np.zeros((1, *input_shape), np.uint8), np.zeros(1, np.int32)))
 
 
 def model_for(params: dict, input_shape: tuple, n_classes: int, images: Images, rows: np.ndarray,

@@ -130,15 +130,21 @@ def test_cross_validation_scores_each_trial_by_the_mean_over_folds(tmp_path, set
     assert trial.user_attrs["epochs_run"] == len(history)
 
 
-def test_a_fit_keeps_no_traced_graph_and_its_input_is_not_autotuned(digits):
-    """The two causes bench/README.md found: TensorFlow's gradient registry kept a
-    `CustomGradient-<n>` entry (and with it every traced train step) per fit, so a worker's
-    memory grew with every trial; an autotuned tf.data input made a fit return up to a minute
-    after its last epoch. Neither is left: no entry survives a fit, and autotuning is off."""
+def test_a_fit_traces_once_keeps_no_traced_graph_and_its_input_is_not_autotuned(digits, monkeypatch):
+    """The causes bench/README.md found: TensorFlow traced the train step twice when its first
+    trace made the optimizer's and metrics' variables (about a third of a small trial's CPU);
+    its gradient registry kept a `CustomGradient-<n>` entry (and with it every traced train step)
+    per fit, so a worker's memory grew with every trial; an autotuned tf.data input made a fit
+    return up to a minute after its last epoch. None is left: one trace a fit, no entry survives
+    a fit, and autotuning is off."""
+    import keras.src.backend.tensorflow.trainer as keras_tf_trainer
     from tensorflow.python.framework import ops
 
     from pipeline.train import Images, train, validation_splits
 
+    traces, train_step = [], keras_tf_trainer.TensorFlowTrainer.train_step
+    monkeypatch.setattr(keras_tf_trainer.TensorFlowTrainer, "train_step",
+                        lambda self, data: traces.append(1) or train_step(self, data))
     registry = ops._gradient_registry._registry
     split = validation_splits(digits.x_train, digits.y_train, 1, 0.2, 42)[0]
     params = {"depth": 1, "conv1_filters": 4, "conv1_kernel_size": 3, "conv1_pool_size": 2, "dense_units": 8}
@@ -146,6 +152,7 @@ def test_a_fit_keeps_no_traced_graph_and_its_input_is_not_autotuned(digits):
     for _ in range(2):
         train(params, split, digits.input_shape, digits.n_classes, epochs=1)
         counts.append(sum(name.startswith("CustomGradient-") for name in registry))
+    assert len(traces) == 2, f"{len(traces)} traces of the train step in two fits"
     assert counts[0] == counts[1], "a fit left gradient functions (and their graphs) registered"
     batches = Images(digits.x_train[:64], digits.y_train[:64]).batches(range(64), 32, shuffle=True)
     assert batches.options().autotune.enabled is False
