@@ -134,7 +134,12 @@ def test_a_time_budgeted_main_stops_starting_evaluations_once_its_search_share_i
     until = parent.data.metrics["plan_search_until"]
     assert started < until < started + 40
     started_ = [t for t in trials if t.datetime_start]  # (an open promotion waits, unstarted)
-    assert started_ and all(t.datetime_start.timestamp() <= until for t in started_), "none starts after the search share"
+    late = [t for t in started_ if t.datetime_start.timestamp() > until]
+    completed = [t.datetime_complete for t in trials if t.state.name == "COMPLETE"]
+    # none starts after the search share, but one where the study has no result yet: the refit needs
+    # one (on a slow machine a 40 s budget's share can end before the first evaluation starts)
+    assert started_ and len(late) <= 1, "none starts after the search share"
+    assert not late or not [c for c in completed if c <= late[0].datetime_start], "a study with a result started one"
     assert study.user_attrs[names.RUNGS] == [1, 3] and {t.user_attrs[names.RUNG] for t in trials} >= {0}
     assert parent.data.tags["plan"] == plan_line
     assert parent.data.metrics["plan_budget_seconds"] == 40
