@@ -269,7 +269,7 @@ def make_training_state(model: keras.Model, input_shape: tuple) -> None:
     """Make the optimizer's and the metrics' variables before the fit, from the shapes alone, as
     Keras does itself on JAX and under a distribution strategy. Left to the fit on TensorFlow, the
     first trace of the train step makes them, and TensorFlow traces a function that makes variables
-    twice: a 2-epoch digits trial took 1.43 CPU s, 0.98 with its state made first (bench/README.md)."""
+    twice: a 2-epoch digits fit took 1.27 CPU s, 0.86 with its state made first (bench/fit_setup.py)."""
     model._symbolic_build(data_batch=(np.zeros((1, *input_shape), np.uint8), np.zeros(1, np.int32)))
 
 
