@@ -34,7 +34,8 @@ def _param(default, help):
 class Settings:
     dataset: str = _param("digits", "digits, cifar10, a CIFAR-10 python archive/folder, or an image folder")
     search_space: str = _param("", f"search-space YAML file (default: {FOLDER_SPACE} for an image folder, "
-                                   f"{SEED_SPACE} otherwise)")
+                                   f"{SEED_SPACE} otherwise); a relative path not found here is read "
+                                   "from the project's own")
     n_trials: int = _param(20, "trial budget of the whole study (all workers together)")
     timeout: int = _param(0, "study-wide deadline: seconds after the first worker starts (0 = no limit)")
     epochs: int = _param(10, "epoch cap of each trial")

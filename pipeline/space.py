@@ -285,13 +285,26 @@ class SearchSpace:
         return problems
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the project's checkout, where search_spaces/ ships
+
+
+def project_file(path: Path) -> Path:
+    """`path`; or, where it is relative and not found from the working directory, the project's
+    own file of that name, so the defaults (search_spaces/seed.yaml, ...) work from anywhere."""
+    if path.is_absolute() or path.exists() or not (PROJECT_DIR / path).exists():
+        return path
+    return PROJECT_DIR / path
+
+
 def read_yaml(path: Path, file_kind: str, content: str, documents: bool = False):
     """The parsed YAML of `path` (`documents`: a list of its `---`-separated documents, empty ones
-    left out); a missing or unreadable file is a one-line error."""
+    left out), read where `project_file` finds it; a missing or unreadable file is a one-line
+    error naming `path` as given."""
     try:
+        text = project_file(path).read_text()
         if documents:
-            return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-        return yaml.safe_load(path.read_text())
+            return [d for d in yaml.safe_load_all(text) if d is not None]
+        return yaml.safe_load(text)
     except FileNotFoundError:
         raise PipelineError(f"{path}: {file_kind} file not found") from None
     except (OSError, yaml.YAMLError) as e:

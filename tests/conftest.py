@@ -37,7 +37,12 @@ def _empty_store(tmp_path_factory) -> Path:
     from mlflow.tracking import MlflowClient
 
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
+    here = os.getcwd()
+    os.chdir(path.parent)  # the Default experiment's artifacts: the store's folder, not the checkout
+    try:
+        MlflowClient(f"sqlite:///{path}").search_experiments()
+    finally:
+        os.chdir(here)
     return path
 
 
@@ -59,6 +64,16 @@ def _frozen_libraries(_empty_store):
 
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Each test, and every process it starts, runs in its temp dir, as a user runs `cnn-search`
+    in a folder of their own: a local MLflow store keeps its artifacts in `./mlruns`, which is
+    then there, not in the checkout (about 600 MB a suite run), and the defaults are found from
+    there as a user's are (pipeline.space.project_file)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pipeline.device import use_backend
 from pipeline.errors import PipelineError
 
 pytest.importorskip("jax", reason="the JAX backend is not installed (make test installs requirements-jax.txt)")
-WITHOUT_TF = str(ROOT / "tests" / "without_tensorflow")
+WITHOUT_TF = os.pathsep.join([str(ROOT / "tests" / "without_tensorflow"), str(ROOT)])  # a PYTHONPATH
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_jax_without_tensorflow_searches_refits_registers_and_serves(tmp_path, t
         [sys.executable, "-m", "pipeline", "main", "--backend", "jax", "--n-trials", "2", "--epochs", "2",
          "--storage", f"sqlite:///{tmp_path}/optuna.db", "--study-name", "jax-study",
          "--experiment-name", "jax", "--search-space", str(ROOT / "search_spaces" / "seed.yaml")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "test_accuracy=" in done.stdout and "registered model: jax-study/1" in done.stdout
@@ -110,5 +110,5 @@ def test_the_fast_cifar_keys_fit_save_and_load_on_jax(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", WITHOUT_TF)
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     done = subprocess.run([sys.executable, "-c", JAX_CIFAR_KEYS, json.dumps({**BASE, **NEW}), str(tmp_path / "m.keras")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "fitted, saved and loaded on jax" in done.stdout, done.stderr[-3000:]

@@ -184,7 +184,7 @@ def test_deadline_holds_across_two_workers(tmp_path, settings, digits, capsys):
                          timeout=10)
     a = subprocess.Popen([sys.executable, "-m", "pipeline", "search", "--storage", s.storage, "--study-name", "race",
                           "--n-trials", "100", "--epochs", "2", "--timeout", "10", "--experiment-name", s.experiment_name],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     store = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.journal"))
     for _ in range(600):
         if a.poll() is not None or ("race" in optuna.get_all_study_names(store)
@@ -230,6 +230,6 @@ def test_dry_run_fails_on_a_broken_space(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("depth: 2\nfirst_block: {filters: [16], kernel_size: 3, pool_size: 2}\n")
     result = subprocess.run([sys.executable, "-m", "pipeline", "space", "--search-space", str(broken), "--samples", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {broken}: missing key 'later_blocks' (needed for depth up to 2)"

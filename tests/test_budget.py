@@ -18,7 +18,7 @@ import time
 
 import optuna
 import pytest
-from conftest import ROOT, runs_of
+from conftest import runs_of
 
 from pipeline import names
 from pipeline.budget.plan import Cost, evaluation_seconds, make_plan, planned_rungs, refit_epochs_for
@@ -148,8 +148,7 @@ def test_a_time_budgeted_main_stops_starting_evaluations_once_its_search_share_i
 
 
 @pytest.mark.slow
-def test_two_workers_share_rungs_on_one_journal_storage(tiny, tmp_path, digits, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the workers' logs go to ./worker-logs
+def test_two_workers_share_rungs_on_one_journal_storage(tiny, tmp_path, digits):
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="1,2", eta=2, n_trials=8)
     run("search", s, data=digits)
     study = optuna.load_study(study_name=s.study, storage=journal(tmp_path / "study.journal"))
@@ -192,7 +191,7 @@ def test_two_workers_share_rungs_on_one_journal_storage(tiny, tmp_path, digits, 
 def test_a_killed_workers_rung_evaluation_is_retried(tiny, tmp_path, digits):
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", rungs="1,300", eta=2, n_trials=3, patience=300)
     args = [sys.executable, "-m", "pipeline", *s.argv("search")]
-    doomed = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    doomed = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     store = journal(tmp_path / "study.journal")
     victim, deadline = None, time.monotonic() + 240
@@ -303,11 +302,10 @@ def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
 
 
 @pytest.mark.slow
-def test_workers_under_a_budget_train_the_plans_capped_trials(tiny, tmp_path, digits, monkeypatch, capsys):
+def test_workers_under_a_budget_train_the_plans_capped_trials(tiny, tmp_path, digits, capsys):
     """Without rungs a budget caps a trial's epochs; the workers `workers=2` starts train that cap,
     not `epochs` (which, with a patience as long, would run each trial past the budget). The budget
     starts now, not at this pytest process's start; a 1-epoch refit leaves the search most of it."""
-    monkeypatch.chdir(tmp_path)  # the workers' logs go to ./worker-logs
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="off", time_budget=60,
                      epochs=2000, patience=2000, n_trials=4, refit_epochs=1)
     outcome = run_study("main", s, digits, load_space(s.search_space), started=time.time(), device="main's device")

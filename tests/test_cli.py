@@ -12,14 +12,13 @@ import weakref
 
 import optuna
 import pytest
-from conftest import ROOT
 
 from pipeline import interrupts
 from pipeline.cli import main, parse
 from pipeline.train import train, validation_splits
 
 
-def pipeline(*args, env=None, cwd=ROOT):
+def pipeline(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
@@ -151,7 +150,7 @@ def test_the_resume_hint_needs_neither_mlflow_nor_tensorflow():
     """Ctrl-C may come while they are half imported, and importing them again then fails."""
     code = ("import sys; from pipeline.cli import _resume_hint, parse; print(_resume_hint(*parse(['search']))); "
             "print({'mlflow', 'tensorflow', 'keras', 'optuna'} & set(sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("resume: python -m pipeline search") and out.endswith("set()\n"), out
 
 
@@ -172,7 +171,7 @@ try:
 finally:
     print(" collector on" if gc.isenabled() else " collector off", end="")
 """
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == code, done.stderr
     assert done.stdout == "buffered collector ona library's exit handler ran\n", done.stdout
     assert ("ValueError: x" in done.stderr) == (code == 1)

@@ -147,9 +147,9 @@ def test_the_stack_survives_killed_workers_and_serves_the_refit_model(stack, tmp
         assert proc.returncode == 0, out + s.logs()[-3000:]
 
     refit_env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "MLFLOW_TRACKING_URI": s.uri,
-                 "PGPASSWORD": s.password}
+                 "PGPASSWORD": s.password, "PYTHONPATH": str(ROOT)}
     refit = subprocess.run([sys.executable, "-m", "pipeline", "refit", *s.common, "--storage", s.storage,
-                            "--system-metrics", "1"], cwd=ROOT, env=refit_env, capture_output=True, text=True,
+                            "--system-metrics", "1"], env=refit_env, capture_output=True, text=True,
                            timeout=300)
     assert refit.returncode == 0, refit.stdout + refit.stderr
     assert f"browse the runs:  {s.uri}/#/experiments/" in refit.stdout, "the server's own UI"

@@ -19,7 +19,7 @@ import uuid
 
 import optuna
 import pytest
-from conftest import ROOT, runs_of
+from conftest import runs_of
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
@@ -108,7 +108,7 @@ class Workers:
         """A worker whose stacks `finish` can dump (faulthandler) when it does not end."""
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "w+")
         argv = [sys.executable, "-X", "faulthandler", "-m", "pipeline", command, *self.common, *args]
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, **(env or {})})
         proc.log = log
         self.procs.append(proc)

@@ -22,7 +22,7 @@ import time
 import mlflow
 import optuna
 import pytest
-from conftest import ROOT, free_port
+from conftest import free_port
 from test_distributed import TINY_SPACE, postgres  # noqa: F401  (a fixture)
 from mlflow.tracking import MlflowClient
 
@@ -125,7 +125,7 @@ def test_a_worker_fails_its_trial_cleanly_when_the_database_stays_away_and_the_s
             "outage", "--heartbeat-interval", "1", "--grace-period", "4"]
     first = subprocess.Popen(  # a trial that reports each epoch and runs until cut
         [sys.executable, "-m", "pipeline", *args, "--threads", "1", "--epochs", "300", "--patience", "300"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = make_storage(direct)
     deadline = time.monotonic() + 120
     while not any(t.intermediate_values for t in _trials(storage)):
@@ -158,7 +158,7 @@ def _trials(storage):
 
 def pipeline(*args, env):
     """`python -m pipeline ...` with `env` over this environment; well inside 60 s or a failure."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=60)
 
 

@@ -38,6 +38,7 @@ def finished(tmp_path_factory, _digits):
     settings = Settings(search_space=str(ROOT / "search_spaces" / "seed.yaml"), n_trials=3, epochs=2,
                         storage=f"sqlite:///{tmp}/optuna.db", study_name="report-study", experiment_name="report")
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # as conftest._in_tmp_path does for a test: ./mlruns is made there
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mlflow.set_tracking_uri(uri)

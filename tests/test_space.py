@@ -136,6 +136,20 @@ def test_missing_space_file(tmp_path):
         load_space(tmp_path / "nope.yaml")
 
 
+def test_a_relative_file_not_found_here_is_the_projects_own_and_one_here_comes_first(tmp_path):
+    """A user's working directory (the tests run in their temp dir) needs no copy of the shipped
+    files: the defaults and `search_spaces/<name>.yaml` are read from the checkout's, and a file of
+    that name in the working directory wins over it."""
+    shipped = load_space(ROOT / "search_spaces" / "seed.yaml")
+    assert load_space("search_spaces/seed.yaml").digest == shipped.digest
+    assert [name for _, configs in load_groups("search_spaces/baselines.yaml") for name in configs]
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "search_spaces" / "seed.yaml").write_text("depth: 1\nfirst_block: {filters: 8, kernel_size: 3, pool_size: 2}\n")
+    assert load_space("search_spaces/seed.yaml").digest != shipped.digest
+    with pytest.raises(PipelineError, match="^search_spaces/nope.yaml: search-space file not found$"):
+        load_space("search_spaces/nope.yaml")
+
+
 def test_violations_name_the_setting():
     space = load_space(ROOT / "search_spaces" / "seed.yaml")
     params = {"depth": 2, "conv1_filters": 32, "conv1_kernel_size": 3, "conv1_pool_size": 2,
