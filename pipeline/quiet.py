@@ -9,6 +9,8 @@ setting, any error) still shows.
   stderr captured, and every captured line but the banner's is written back.
 - MLflow's progress bars for artifact transfers (a registered model is downloaded once to
   be registered) are off; MLflow's other INFO lines stay.
+- Optuna's "A new study created in memory" line: the space dry run samples from such a study,
+  which stores nothing and which the user never named.
 - Optuna's warnings about a failed trial carry no traceback where the command ends with a
   one-line message that says it all: an interrupt (Ctrl-C, SIGTERM: both warnings dropped,
   the command says the trial is FAIL and how to resume) or a `PipelineError` (an outage's
@@ -32,6 +34,7 @@ def quiet_console() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow" and "tensorflow" not in sys.modules:
         _import_without_banner()
+    logging.getLogger("optuna.storages._in_memory").setLevel(logging.WARNING)
     logger = logging.getLogger("optuna.study._optimize")  # where Optuna reports a failed trial
     if not any(isinstance(f, _OneLineTrialFailure) for f in logger.filters):
         logger.addFilter(_OneLineTrialFailure())

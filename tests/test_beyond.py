@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from conftest import ROOT, runs_of
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import run
+from pipeline.cli import main, run
 from pipeline.config import Settings
 from pipeline.dry_run import configurations, dry_run
 from pipeline.errors import PipelineError
@@ -220,6 +221,21 @@ def test_dry_run_prints_each_models_parameter_count(settings, digits, capsys):
             if line.strip().startswith("parameters:")] == expected
     assert "warm start 'toy_1conv'" in out and "sample 3" in out and "(None, 8, 8, 32)" in out
     assert not digits.test.opened and not runs_of_any(settings.experiment_name)
+
+
+def test_the_dry_run_prints_no_line_of_its_in_memory_study(capsys):
+    """Optuna logs "A new study created in memory" as INFO, on a handler of its own."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("optuna.storages._in_memory")
+    logger.addHandler(handler)
+    try:
+        assert main(["space", "--samples", "1"]) == 0
+    finally:
+        logger.removeHandler(handler)
+    assert "parameters:" in capsys.readouterr().out
+    assert [r.getMessage() for r in records] == []
 
 
 def runs_of_any(experiment_name):
