@@ -74,9 +74,14 @@ class Cutout(Augmentation):
 @SERIALIZABLE
 class Translate(Augmentation):
     """Training only: shift each image by a uniformly random whole number of pixels in
-    [-shift, shift] along each axis, zeros shifted in (pad by `shift`, then crop at a random
-    offset). The identity at inference. Unlike Keras' RandomTranslation it can be compiled
-    (XLA): a model holding RandomTranslation is never jit-compiled, which on JAX means op by op."""
+    [-shift, shift] along each axis, zeros shifted in. The identity at inference. Unlike Keras'
+    RandomTranslation it can be compiled (XLA): a model holding RandomTranslation is never
+    jit-compiled, which on JAX means op by op.
+
+    Each axis is a batched product with a 0/1 matrix that picks, for each output row (column),
+    its source row (column) or none: exact (every output pixel is one input pixel times 1, or
+    0), and no gather, whose int64 indices (Keras' on TensorFlow) made oneDNN print an error
+    line on the console in every run with this layer."""
 
     size_name = "shift"
 
@@ -85,12 +90,17 @@ class Translate(Augmentation):
 
     def augment(self, images, shape):
         s = self.size
-        padded = ops.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
-        offsets = keras.random.randint((shape[0], 2), 0, 2 * s + 1, seed=self.seed_generator)
-        rows = ops.arange(shape[1])[None, :] + offsets[:, :1]  # (batch, height) rows of `padded`
-        cols = ops.arange(shape[2])[None, :] + offsets[:, 1:]
-        out = ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
-        return ops.take_along_axis(out, cols[:, None, :, None], axis=2)
+        offsets = keras.random.randint((shape[0], 2), 0, 2 * s + 1, seed=self.seed_generator) - s
+        rows = self._picks(shape[1], offsets[:, 0], images.dtype)
+        cols = self._picks(shape[2], offsets[:, 1], images.dtype)
+        out = ops.einsum("bip,bpwc->biwc", rows, images)
+        return ops.einsum("bjq,biqc->bijc", cols, out)
+
+    @staticmethod
+    def _picks(n: int, offset, dtype):
+        """(batch, n, n): 1 where output index i reads input index i + offset (none past an edge)."""
+        i = ops.arange(n, dtype="int32")
+        return ops.cast(ops.equal(i[None, :, None] + offset[:, None, None], i[None, None, :]), dtype)
 
 
 @SERIALIZABLE
