@@ -74,14 +74,13 @@ class Cutout(Augmentation):
 @SERIALIZABLE
 class Translate(Augmentation):
     """Training only: shift each image by a uniformly random whole number of pixels in
-    [-shift, shift] along each axis, zeros shifted in. The identity at inference. Unlike Keras'
-    RandomTranslation it can be compiled (XLA): a model holding RandomTranslation is never
-    jit-compiled, which on JAX means op by op.
+    [-shift, shift] along each axis, zeros shifted in (pad by `shift`, then crop at a random
+    offset). The identity at inference. Unlike Keras' RandomTranslation it can be compiled
+    (XLA): a model holding RandomTranslation is never jit-compiled, which on JAX means op by op.
 
-    Each axis is a batched product with a 0/1 matrix that picks, for each output row (column),
-    its source row (column) or none: exact (every output pixel is one input pixel times 1, or
-    0), and no gather, whose int64 indices (Keras' on TensorFlow) made oneDNN print an error
-    line on the console in every run with this layer."""
+    The crops are one gather of pixels from the flattened padded batch, by int32 indices: Keras'
+    `take_along_axis` on TensorFlow makes its indices int64, which made oneDNN print an error
+    line on the console of every run with this layer."""
 
     size_name = "shift"
 
@@ -90,17 +89,14 @@ class Translate(Augmentation):
 
     def augment(self, images, shape):
         s = self.size
-        offsets = keras.random.randint((shape[0], 2), 0, 2 * s + 1, seed=self.seed_generator) - s
-        rows = self._picks(shape[1], offsets[:, 0], images.dtype)
-        cols = self._picks(shape[2], offsets[:, 1], images.dtype)
-        out = ops.einsum("bip,bpwc->biwc", rows, images)
-        return ops.einsum("bjq,biqc->bijc", cols, out)
-
-    @staticmethod
-    def _picks(n: int, offset, dtype):
-        """(batch, n, n): 1 where output index i reads input index i + offset (none past an edge)."""
-        i = ops.arange(n, dtype="int32")
-        return ops.cast(ops.equal(i[None, :, None] + offset[:, None, None], i[None, None, :]), dtype)
+        padded = ops.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
+        height, width = shape[1] + 2 * s, shape[2] + 2 * s  # of `padded`
+        offsets = keras.random.randint((shape[0], 2), 0, 2 * s + 1, seed=self.seed_generator)
+        rows = ops.arange(shape[1], dtype="int32")[None, :] + offsets[:, :1]  # (batch, height) rows of `padded`
+        cols = ops.arange(shape[2], dtype="int32")[None, :] + offsets[:, 1:]
+        first = ops.arange(shape[0], dtype="int32")[:, None, None] * (height * width)  # each image's first pixel
+        pixels = first + rows[:, :, None] * width + cols[:, None, :]  # (batch, height, width)
+        return ops.take(ops.reshape(padded, (-1, shape[3])), pixels, axis=0)
 
 
 @SERIALIZABLE
