@@ -131,7 +131,8 @@ def test_the_parent_run_is_named_after_the_study_and_describes_it_through_resume
 def test_the_console_of_a_main_run_has_progress_and_no_warning(tmp_path):
     """As a user runs it: no TensorFlow banner and no warning on stderr; a deadline bar, the
     refit's epochs and a summary. The space is the tutorial's with random translation, which
-    every image-folder and CIFAR-10 space has (its gather once made oneDNN print an error line)."""
+    every image-folder and CIFAR-10 space has (its gather by int64 indices once made oneDNN
+    print an error line)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONPATH": str(ROOT)}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as in a user's shell
     space = tmp_path / "seed_translate.yaml"
