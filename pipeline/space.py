@@ -285,7 +285,7 @@ class SearchSpace:
         return problems
 
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]  # the project's checkout, where search_spaces/ ships
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout, or site-packages: search_spaces/ lies beside pipeline/
 
 
 def project_file(path: Path) -> Path:

@@ -3,7 +3,11 @@ same as the CLI's."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 
 import yaml
 from conftest import ROOT
@@ -54,3 +58,20 @@ def test_mlproject_entry_points_pass_every_setting_with_the_cli_default():
 
 def test_mlproject_is_generated_from_the_cli():
     assert (ROOT / "MLproject").read_text() == render(), "run: python -m pipeline.mlproject > MLproject"
+
+
+def test_the_wheel_ships_the_search_spaces_beside_the_package(tmp_path):
+    """A plain `pip install .` finds the default spaces as the checkout does: search_spaces/
+    lands beside pipeline/ in site-packages (pipeline.space.PROJECT_DIR). Built from a copy of
+    the sources, as setuptools writes its build folders into the tree it builds."""
+    source = tmp_path / "source"
+    for folder in ("pipeline", "search_spaces"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("cnn_search-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"search_spaces/{p.name}" for p in (ROOT / "search_spaces").glob("*.yaml")} <= names
+    assert {"pipeline/space.py", "pipeline/served_model.py", "pipeline/budget/__init__.py"} <= names
