@@ -7,6 +7,7 @@ a fresh, sealed test split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -37,12 +38,8 @@ def _empty_store(tmp_path_factory) -> Path:
     from mlflow.tracking import MlflowClient
 
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    here = os.getcwd()
-    os.chdir(path.parent)  # the Default experiment's artifacts: the store's folder, not the checkout
-    try:
+    with contextlib.chdir(path.parent):  # the Default experiment's artifacts: the store's folder, not the checkout
         MlflowClient(f"sqlite:///{path}").search_experiments()
-    finally:
-        os.chdir(here)
     return path
 
 

@@ -18,8 +18,8 @@ from pipeline.cli import main, parse
 from pipeline.train import train, validation_splits
 
 
-def pipeline(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+def pipeline(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
