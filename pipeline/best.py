@@ -3,13 +3,16 @@
 A single-objective study's best trial; in a multi-objective study, the Pareto trial that
 `select` picks: `select=max_params=50000` (and/or `max_latency_ms=...`) keeps the Pareto
 trials within every limit, then takes the best by the metric; no rule means the best by the
-metric. A study with rungs (pipeline.budget.rungs): the best evaluation of the highest rung reached.
+metric. A study with rungs (pipeline.budget.rungs): the best evaluation of the highest rung reached;
+where the study evaluated the space's default (the control), the default unless a challenger beats
+it there by more than the noise of the validation rows (pipeline.budget.prior.control_verdict).
 """
 
 from __future__ import annotations
 
 import optuna
 
+from pipeline.budget.prior import Verdict, control_verdict
 from pipeline.budget.rungs import COMPLETE, best_rung, rung_of, study_rungs
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
@@ -25,6 +28,9 @@ def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTr
     In a study with rungs: the best evaluation of the highest rung reached."""
     sign = 1 if settings.direction == "maximize" else -1
     if not settings.multi_objective and study_rungs(study)[0] and (top := best_rung(study)) is not None:
+        verdict = verdict_of(study, settings)
+        if verdict is not None and verdict.rung == top:
+            return verdict.chosen
         trials = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if rung_of(t) == top]
         return max(trials, key=lambda t: (sign * t.values[0], -t.number))
     if not settings.multi_objective:
@@ -45,6 +51,14 @@ def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTr
                                 f"(the smallest is {smallest.values[i]:g}, trial {smallest.number})")
         trials = within
     return max(trials, key=lambda t: (sign * t.values[0], -t.number))
+
+
+def verdict_of(study: optuna.Study, settings: Settings) -> Verdict | None:
+    """The default-or-challenger verdict of a single-objective study with rungs (None: no default
+    evaluated). The noise counts for accuracy-like metrics only, not for a loss."""
+    if settings.multi_objective or not study_rungs(study)[0]:
+        return None
+    return control_verdict(study, 1 if settings.direction == "maximize" else -1, shares=settings.metric != "val_loss")
 
 
 def best_or_none(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTrial | None:

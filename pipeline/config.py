@@ -81,6 +81,10 @@ class Settings:
     rungs: str = _param("", "successive halving: comma list of epochs per rung, e.g. 1,3,9; off = none; "
                             "empty = planned from time_budget (off without one)")
     eta: int = _param(3, "successive halving: the top 1/eta of a rung's evaluations are trained again at the next")
+    # issue 36: the search earns its time
+    search_share: str = _param("auto", "share of a time budget (after loading and the reserve) the search gets: "
+                                       "auto = from how many full runs of the space's default the budget pays for; "
+                                       "0 = no search, the default (or first warm start) trained for the whole budget")
     workers: int = _param(1, "worker processes on this machine sharing the study (main, search); "
                              "threads then counts per worker (0 = the cores split between them)")
 
@@ -122,6 +126,7 @@ class Settings:
                 raise PipelineError(f"{name}={getattr(self, name)!r}: {why}")
         self.select_rules  # noqa: B018 -- parses (and so validates) objectives and select now
         self.rung_epochs  # noqa: B018 -- and rungs
+        self.share  # noqa: B018 -- and search_share
 
     @property
     def space_line(self) -> str:
@@ -201,6 +206,19 @@ class Settings:
         if not epochs or any(e < 1 for e in epochs) or epochs != sorted(set(epochs)):
             raise PipelineError(f"rungs={self.rungs!r}: expected rising epoch counts >= 1 such as 1,3,9, or off")
         return epochs
+
+    @property
+    def share(self) -> float | None:
+        """`search_share` as a number in [0, 1), None for auto (the planner decides)."""
+        if self.search_share.strip() == "auto":
+            return None
+        try:
+            share = float(self.search_share)
+        except ValueError:
+            share = -1.0
+        if not 0.0 <= share < 1.0:
+            raise PipelineError(f"search_share={self.search_share!r}: expected auto or a number in [0, 1)")
+        return share
 
     @property
     def only_names(self) -> list[str]:

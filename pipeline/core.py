@@ -25,7 +25,8 @@ import psutil
 
 from pipeline import names
 from pipeline.budget.plan import Cost, Plan, duration, make_plan, refit_epochs_for, reserve
-from pipeline.budget.rungs import check_rungs, fix_rungs
+from pipeline.budget.prior import enqueue_default
+from pipeline.budget.rungs import check_rungs, fix_rungs, rung_seconds
 from pipeline.config import REFITS, SEARCHES, Settings
 from pipeline.data import Dataset
 from pipeline.errors import PipelineError
@@ -65,13 +66,15 @@ PROBES = 3  # configurations a plan without a warm start probes
 def _planning_probe(command: str, study, space: SearchSpace, warm: dict | None, data: Dataset, rows,
                     settings: Settings) -> tuple[dict, Cost]:
     """(params, cost) the plan goes by before any evaluation: `refit` probes the configuration it
-    refits, a search the first warm start, else PROBES configurations sampled from the space and
-    takes the one of median cost, so that a space whose configurations differ tenfold in cost
-    (modern.yaml) is not planned from its cheapest or its dearest."""
+    refits, a search the first warm start, else the space's default, else PROBES configurations
+    sampled from the space and takes the one of median cost, so that a space whose configurations
+    differ tenfold in cost (modern.yaml) is not planned from its cheapest or its dearest."""
     if command == "refit":
         choices = [_best_params(study, settings)]
     elif warm:
         choices = [next(iter(warm.values()))]
+    elif space.default:
+        choices = [space.default]
     else:
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
@@ -111,7 +114,11 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
                             f"objectives={settings.objectives!r} has several")
     if command in SEARCHES:
         check_rungs(study, settings.rung_epochs)
-    if warm:
+    fixed = _fixed_configuration(command, settings, space, warm)  # search_share=0: what trains, unsearched
+    if (command in SEARCHES and fixed is None and (settings.time_budget or settings.rung_epochs)
+            and study.user_attrs.get(names.RUNGS) != [] and enqueue_default(study, space.default)):
+        print("the space's default is the first evaluation (the control); see pipeline/budget/prior.py")
+    if warm and fixed is None:
         new = enqueue(study, warm)
         print(f"warm start: enqueued {', '.join(new)}" if new else "warm start: configurations already enqueued")
     # a worker that lost the race to create the study waits for the winner's parent run
@@ -127,16 +134,19 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
             if command in REFITS or (command == "search" and settings.rung_epochs is None
                                      and names.RUNGS not in study.user_attrs):
                 train_rows = objective.splits[0].train_rows if objective else range(len(data.y_train))
-                params, cost = _planning_probe(command, study, space, warm, data, train_rows, settings)
+                params, cost = _planning_probe(command, study, space, {"fixed": fixed} if fixed else warm, data,
+                                               train_rows, settings)
                 forwards = forward_images(params, len(data.test))
             plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1], forward_images=forwards)
             print(plan.line(), flush=True)
             tracker.client.set_tag(tracker.parent_run_id, "plan", plan.line())
             log_metrics(tracker.client, tracker.parent_run_id, plan.metrics(time.time()))
         timings = {}
-        if command in SEARCHES:
+        if command in SEARCHES and fixed is None:
             planned = list(plan.rungs) if plan and not settings.multi_objective else []
-            objective.rungs = fix_rungs(study, settings.rung_epochs, planned, settings.eta)
+            seconds = list(plan.rung_seconds) if plan and not settings.multi_objective else []
+            objective.rungs = fix_rungs(study, settings.rung_epochs, planned, settings.eta, seconds)
+            objective.seconds = rung_seconds(study) if objective.rungs else []
             if plan and cost:  # stored in the study, so that the workers it starts sample alike
                 study.set_user_attr(names.TPE_STARTUP, _startup(plan, objective.rungs, cost, rows, settings.workers,
                                                                 settings.epochs))
@@ -160,8 +170,10 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
         if command == "refit":  # a worker killed late leaves no RUNNING trial behind (`main` settled in its search)
             settle(study, tracker.client, tracker.experiment_id, settings)
         if command in REFITS:
-            epochs, stop_at = _refit_plan(study, settings, data, plan, cost, command) if plan else (None, None)
-            metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs, stop_at=stop_at)}
+            params = fixed or _best_params(study, settings)
+            epochs, stop_at = _refit_plan(params, settings, data, plan, cost, command) if plan else (None, None)
+            metrics = {**timings, **refit_and_test(study, data, settings, tracker, epochs=epochs, stop_at=stop_at,
+                                                   params=fixed)}
         tracker.describe(description(study, settings, tracker.client.get_run(tracker.parent_run_id)))
         print(summary(study, settings, tracker.parent_run_id, metrics))
         status = "FINISHED"
@@ -179,15 +191,27 @@ def _best_params(study: optuna.Study, settings: Settings) -> dict:
     return best_trial(study, settings).user_attrs[names.PARAMS]
 
 
-def _refit_plan(study: optuna.Study, settings: Settings, data: Dataset, plan: Plan, cost: Cost | None,
+def _fixed_configuration(command: str, settings: Settings, space: SearchSpace, warm: dict | None) -> dict | None:
+    """`main` with `search_share=0`: the configuration trained for the whole budget, no search: the
+    first warm start, else the space's default (a one-line error where it has neither)."""
+    if command != "main" or settings.share != 0:
+        return None
+    if warm:
+        return next(iter(warm.values()))
+    if space.default is None:
+        raise PipelineError(f"search_share=0: {space.path} declares no default and no warm_start is given: "
+                            "nothing to train without a search")
+    return space.default
+
+
+def _refit_plan(params: dict, settings: Settings, data: Dataset, plan: Plan, cost: Cost | None,
                command: str) -> tuple[int, float]:
     """The refit's epochs and the epoch seconds its fit must end by, planned again now: from a probe
     of the configuration it refits (`cost` where `refit` just made one; `main`'s first probe
     where `refit_epochs` is given), the most epochs that fit the time left before the budget's
     reserve, itself sized for that configuration's test (`refit_epochs` where given)."""
-    params = _best_params(study, settings)
     rows = len(data.y_train)
-    if command == "main" and not settings.refit_epochs:
+    if command == "main" and not settings.refit_epochs and settings.share != 0:
         cost = _probe(params, data, range(rows), settings.seed)
     kept = reserve(settings, cost, forward_images(params, len(data.test)))
     if settings.refit_epochs:

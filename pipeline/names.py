@@ -24,6 +24,10 @@ RUNG = "rung"  # successive halving: the rung of an evaluation (0 = sampled; abs
 PROMOTED_FROM = "promoted_from"  # the trial number whose configuration this evaluation trains again, one rung up
 FIDELITY_EPOCHS, FIDELITY_ROWS = "fidelity_epochs", "fidelity_rows"  # what an evaluation trains: epochs, rows
 CUT = "cut"  # why a trial's training was cut short (a time budget's search share ended during it)
+FIDELITY_SECONDS = "fidelity_seconds"  # equal-time rungs: the seconds an evaluation was given
+FIDELITY_VAL_ROWS = "fidelity_val_rows"  # the validation images an evaluation was scored on (the noise)
+CONTROL = "control"  # true on the evaluations of the space's default configuration (the control)
+COST_KEY = "cost_key"  # what an evaluation's epoch cost is known by (pipeline.budget.plan.cost_key)
 
 # Study user attributes
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run
@@ -32,6 +36,9 @@ DEADLINE = "deadline"  # epoch seconds after which no trial starts
 WARM_STARTED = "warm_start_enqueued"  # {name: params} of the configurations already enqueued
 RUNGS = "rungs"  # successive halving: [epochs per rung] fixed by the first worker ([] = no rungs), and
 ETA = "eta"  # the promotion share 1/eta
+RUNG_SECONDS = "rung_seconds"  # equal-time rungs: [seconds per rung] (an evaluation's epochs follow from its cost)
+COSTS = "epoch_costs"  # {cost key: [setup seconds, seconds an epoch with its validation]}, measured
+DEFAULT_ENQUEUED = "default_enqueued"  # the default configuration enqueued as the first evaluation
 TPE_STARTUP = "tpe_startup"  # random evaluations before TPE models a rung, as a time budget sized them
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")

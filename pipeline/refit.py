@@ -64,16 +64,17 @@ def forward_images(params: dict, test_rows: int) -> int:
 
 
 def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Tracker, *, epochs: int | None = None,
-                   stop_at: float | None = None) -> dict:
-    """Refit the best configuration, open the test split once, log everything to the parent.
-    `epochs`: the refit's (a time budget's plan); default `refit_epochs`, else the epochs the best
-    trial needed. `stop_at`: epoch seconds at which the fit ends regardless (a budget's reserve)."""
-    best = best_trial(study, settings)
-    params = best.user_attrs[names.PARAMS]
+                   stop_at: float | None = None, params: dict | None = None) -> dict:
+    """Refit the best configuration (or `params`, trained without a search: `search_share=0`), open
+    the test split once, log everything to the parent. `epochs`: the refit's (a time budget's
+    plan); default `refit_epochs`, else the epochs the best trial needed. `stop_at`: epoch seconds
+    at which the fit ends regardless (a budget's reserve)."""
+    best = None if params else best_trial(study, settings)
+    params = params or best.user_attrs[names.PARAMS]
     epochs = epochs or settings.refit_epochs or int(best.user_attrs[names.EPOCHS_NEEDED])
     client, run_id = tracker.client, tracker.parent_run_id
-    print(f"refit: trial {best.number} ({settings.metric}={best.values[0]:.4f}) for {epochs} epoch(s) "
-          f"on all {len(data.y_train)} training images", flush=True)
+    what = f"trial {best.number} ({settings.metric}={best.values[0]:.4f})" if best else "the default, unsearched,"
+    print(f"refit: {what} for {epochs} epoch(s) on all {len(data.y_train)} training images", flush=True)
     # the parent's epochs continue across refits, so a second refit's curve follows the first's
     offset = len(client.get_metric_history(run_id, "train_loss"))
     callbacks = [tracker.epoch_logger(run_id, offset), EpochLines("refit", epochs)]
@@ -91,14 +92,15 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     probabilities = model.predict(x_test, verbose=0, batch_size=inference_batch(data.input_shape))
     y_pred = probabilities.argmax(axis=1)
     metrics, report, report_text = score(y_test, y_pred, data.class_names)
-    metrics[f"best_{settings.metric}"] = best.values[0]
+    if best:
+        metrics[f"best_{settings.metric}"] = best.values[0]
     metrics["refit_epochs"] = epochs
     tested = time.perf_counter()
     metrics.update(refit_seconds=fitted - start, test_seconds=tested - fitted)
     metrics[names.LATENCY_MS] = latency_ms(model, x_test[:LATENCY_IMAGES])
 
     log_metrics(client, run_id, metrics)
-    client.set_tag(run_id, "best_trial_number", str(best.number))
+    client.set_tag(run_id, "best_trial_number", str(best.number) if best else "none (search_share=0)")
     if settings.multi_objective:
         client.set_tag(run_id, "select", settings.select or "most accurate")
     log_test_report(y_test, y_pred, data.class_names, report, report_text, params, client, run_id)

@@ -9,7 +9,12 @@ inference latency per image in a multi-objective study. The test split is never 
 
 In a study with rungs (`pipeline.budget.rungs`) a trial is one evaluation of successive
 halving: it trains its rung's epochs unpruned, records its rung and fidelity, and a promotion
-another trial already trains is failed untrained.
+another trial already trains is failed untrained. With equal-time rungs an evaluation is given
+its rung's seconds, and its epochs follow from its configuration's epoch cost: measured by the
+study's earlier evaluations of a configuration of the same cost (`cost_key`), else by a short
+probe of this one (EVALUATION_PROBE batches), kept in the study (`epoch_costs`) for every
+worker and updated from each complete evaluation. Every evaluation of such a study trains from
+the same seed, so the default and its challengers differ only in their configuration.
 
 `run_search` first recovers the trials of dead workers (`pipeline.recover`), then runs
 trials one `study.optimize` call at a time (Optuna's heartbeat, stale-trial check and tell
@@ -31,7 +36,9 @@ import optuna
 from optuna_integration import KerasPruningCallback
 
 from pipeline import names
-from pipeline.budget.plan import Cost, evaluation_seconds
+from pipeline.budget.plan import BOOKKEEPING, VALIDATION_COST, Cost, cost_key, epochs_in, evaluation_seconds
+from pipeline.budget.prior import default_holds
+from pipeline.budget.probe import probe
 from pipeline.budget.rungs import DuplicatePromotion, duplicate_of, next_rung, promote, rung_of, study_rungs
 from pipeline.config import Settings
 from pipeline.model import LATENCY_IMAGES, latency_ms
@@ -42,6 +49,7 @@ from pipeline.tracking import Tracker, log_datasets, log_metrics
 from pipeline.train import KeepModel, StopAt, train, validation_splits
 
 DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the deadline (Optuna's own clock starts later)
+EVALUATION_PROBE = (2, 5)  # batches untimed, then timed, of an evaluation whose configuration's cost is not known
 
 
 class FoldPruning(KerasPruningCallback):
@@ -78,6 +86,7 @@ class Objective:
     def __init__(self, data, space, settings: Settings, tracker: Tracker, callbacks=()):
         self.data, self.space, self.settings, self.tracker = data, space, settings, tracker
         self.extra_callbacks, self.rungs = list(callbacks), []  # the rungs: set once the study's are fixed
+        self.seconds: list[float] = []  # equal-time rungs: seconds per rung (set with the rungs)
         self.until: float | None = None
         self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
         x, y = data.x_train, data.y_train
@@ -93,7 +102,21 @@ class Objective:
         """What one fold of an evaluation trains: its rung's epochs, or the trial cap `epochs`."""
         return self.rungs[rung] if self.rungs and rung is not None else self.settings.epochs
 
-    def _fidelity(self, trial: optuna.Trial) -> dict | None:
+    def epoch_cost(self, study: optuna.Study, params: dict) -> tuple[float, float]:
+        """(setup seconds, seconds an epoch with its validation) of `params` on one fold: the
+        study's record for its cost key, else a short probe of it, recorded."""
+        key = cost_key(params)
+        known = study.user_attrs.get(names.COSTS, {})
+        if key not in known:
+            warmup, batches = EVALUATION_PROBE
+            cost = probe(params, self.data.x_train, self.data.y_train, self.splits[0].train_rows, self.data.input_shape,
+                         self.data.n_classes, seed=self.settings.seed, warmup=warmup, batches=batches)
+            epoch = cost.epoch(self.rows[0]) + VALIDATION_COST * cost.epoch(self.rows[1])
+            _record_cost(study, key, cost.setup, epoch)
+            return cost.setup, epoch
+        return tuple(known[key])
+
+    def _fidelity(self, trial: optuna.Trial, params: dict) -> dict | None:
         """The rung and what the evaluation trains, as trial user attrs; None without rungs.
         A promotion another trial already makes is not trained (DuplicatePromotion)."""
         if not self.rungs:
@@ -103,7 +126,14 @@ class Objective:
             trial.set_user_attr(names.FAIL_REASON, f"duplicate promotion: trial {twin} trains it")
             raise DuplicatePromotion(f"trial {twin} makes the same promotion")
         rung = rung_of(trial)
-        fidelity = {names.RUNG: rung, names.FIDELITY_EPOCHS: self.epochs(rung), names.FIDELITY_ROWS: self.rows[0]}
+        epochs = self.epochs(rung)
+        fidelity = {names.RUNG: rung}
+        if self.seconds:
+            setup, epoch = self.epoch_cost(trial.study, params)
+            epochs = epochs_in(self.seconds[rung] - BOOKKEEPING, setup, epoch)
+            fidelity.update({names.FIDELITY_SECONDS: self.seconds[rung], names.COST_KEY: cost_key(params)})
+        fidelity.update({names.FIDELITY_EPOCHS: epochs, names.FIDELITY_ROWS: self.rows[0],
+                         names.FIDELITY_VAL_ROWS: self.rows[1]})
         if names.PROMOTED_FROM in trial.user_attrs:
             fidelity[names.PROMOTED_FROM] = trial.user_attrs[names.PROMOTED_FROM]
         for key, value in fidelity.items():
@@ -113,11 +143,11 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         s = self.settings
         mark_owner(trial)
-        fidelity = self._fidelity(trial)
-        epochs = self.epochs(fidelity and fidelity[names.RUNG])
         params = self.space.sample(trial)
         if s.batch_size:  # the opt-in override (a GPU wants larger batches) is what trains
             params["batch_size"] = s.batch_size
+        fidelity = self._fidelity(trial, params)
+        epochs = fidelity[names.FIDELITY_EPOCHS] if fidelity else self.epochs(None)
         trial.set_user_attr(names.PARAMS, params)
         with self.tracker.trial_run(trial, params, fidelity) as run_id:
             log_datasets(self.tracker.client, run_id, self.inputs)
@@ -133,7 +163,7 @@ class Objective:
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=epochs,
                           monitor=s.metric, direction=s.direction, patience=s.patience,
-                          callbacks=callbacks, seed=s.seed + trial.number)
+                          callbacks=callbacks, seed=s.seed if self.seconds else s.seed + trial.number)
                 )
                 if stop and stop.stopped:
                     self._cut(trial, f"the search's share of the time budget ended: fold {k + 1}, {stop.where}")
@@ -151,6 +181,10 @@ class Objective:
                 summary[names.LATENCY_MS] = latency_ms(keep.model, self.data.x_train[self.splits[0].val_rows[:LATENCY_IMAGES]])
             for key, v in summary.items():
                 trial.set_user_attr(key, v)
+            if self.seconds and not (stop and stop.stopped):  # what this configuration's epochs measurably cost
+                setup = self.epoch_cost(trial.study, params)[0]
+                per_fold = summary[names.FIT_SECONDS] / len(folds)
+                _record_cost(trial.study, cost_key(params), setup, max(0.0, per_fold - setup) / epochs)
             log_metrics(self.tracker.client, run_id, summary)
             trial.set_user_attr(names.PARAMS_COUNT, folds[0]["params_count"])  # the metric: EpochLogger
         if not s.multi_objective:
@@ -169,6 +203,13 @@ class Objective:
             raise optuna.TrialPruned(where)
 
 
+def _record_cost(study: optuna.Study, key: str, setup: float, epoch: float) -> None:
+    """Keep (setup, epoch) seconds as the study's record for configurations of cost `key`."""
+    costs = dict(study.user_attrs.get(names.COSTS, {}))
+    costs[key] = [round(setup, 3), round(epoch, 3)]
+    study.set_user_attr(names.COSTS, costs)
+
+
 def _has_result(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
@@ -183,6 +224,10 @@ def _history(study: optuna.Study) -> list[tuple[int, float]]:
             for t in sorted(mine or done, key=lambda t: t.number)]
 
 
+def _sign(settings: Settings) -> int:
+    return 1 if settings.direction == "maximize" else -1
+
+
 def _no_time(study: optuna.Study, objective: Objective, until: float | None, cost: Cost | None) -> str | None:
     """Why the next evaluation should not start before `until` (None: it may): it could not
     finish by then, as far as this machine's evaluations so far (or the probe) tell. A study with
@@ -192,11 +237,16 @@ def _no_time(study: optuna.Study, objective: Objective, until: float | None, cos
         return None  # cut at `until`, it is kept
     rung = next_rung(study) if objective.rungs else None
     epochs = objective.epochs(rung) * objective.settings.cv_folds
-    seconds = evaluation_seconds(epochs, _history(study), cost, *objective.rows) or 0.0
+    if objective.seconds:  # an equal-time evaluation takes its rung's seconds
+        seconds = objective.seconds[rung] * objective.settings.cv_folds + BOOKKEEPING
+    else:
+        seconds = evaluation_seconds(epochs, _history(study), cost, *objective.rows) or 0.0
     left = until - time.time() - DEADLINE_MARGIN
     if seconds <= left:
         return None
     what = f"rung {rung}, {epochs} epoch(s)" if rung is not None else f"{epochs} epoch(s)"
+    if objective.seconds:
+        what = f"rung {rung}, {objective.seconds[rung]:.0f} s"
     return f"the next evaluation ({what}, about {seconds:.0f} s) cannot finish in the {max(0.0, left):.0f} s left"
 
 
@@ -223,8 +273,8 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
             return
         print(f"study {study.study_name!r}: no trial starts after {stamp}")
     callbacks = []
+    eta = study_rungs(study)[1]
     if objective.rungs:
-        eta = study_rungs(study)[1]
         callbacks.append(lambda st, t: t.state == optuna.trial.TrialState.COMPLETE and promote(st, objective.rungs, eta))
     ends = [t for t in (deadline_at, until) if t is not None]
     # Objects alive now (modules, data, stores) live for the whole search: freezing them
@@ -241,6 +291,10 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
                     break
                 if reason := _no_time(study, objective, until, cost):
                     bar.bar.write(f"search: {reason}; no more evaluations start")
+                    break
+                if objective.seconds and default_holds(study, len(objective.rungs) - 1, eta, _sign(settings)):
+                    bar.bar.write(f"search: the default leads the top rung against {eta} or more challengers; "
+                                  "the search's remaining time goes to the refit")
                     break
                 recover(study, tracker.client, tracker.experiment_id)
                 study.optimize(objective, n_trials=1, callbacks=[bar, *callbacks], gc_after_trial=True,

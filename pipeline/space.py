@@ -11,6 +11,13 @@ File format (see search_spaces/seed.yaml):
     augment: {flip: true, translate: 2}   # optional: training-time augmentation (flip: alternating too)
     head: global_avg                      # optional: flatten (default), global_avg or global_max
     activation: gelu                      # optional: relu (default) or gelu
+    default: {depth: 2, conv1_filters: 32, ...}   # optional: the configuration to train without searching
+
+`default` is what a user would train without a search: the first evaluation of every rung of a
+budgeted search, the prior its sampling is centred on, and the control the refit keeps unless a
+challenger beats it (pipeline.budget.prior). It is completed and checked as a warm start is
+(`checked`), and is not part of the space's identity (`digest`): a study made before a space
+declared its default resumes.
 
 Every setting is a fixed value, a list of choices, or a range `{low, high}` with optional
 `log: true` or `step`. Block settings are sampled per block that exists, as `conv<i>_<key>`;
@@ -24,6 +31,7 @@ spaces keep their exact params.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -134,7 +142,7 @@ SECTIONS = {"first_block": BLOCK_KEYS, "later_blocks": BLOCK_KEYS, "dense": DENS
 # sections other than the blocks: (kind in DEFAULTS, prefix of their params); "top" holds TOP_SETTINGS
 FLAT_SECTIONS = {"dense": ("dense", "dense_"), "training": ("training", ""), "augment": ("augment", "augment_"),
                  "top": ("top", "")}
-TOP_KEYS = {"description", "depth", *TOP_SETTINGS, *SECTIONS}
+TOP_KEYS = {"description", "depth", "default", *TOP_SETTINGS, *SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -218,7 +226,8 @@ class SearchSpace:
     path: str
     depth: Dim
     sections: dict  # section name -> {key: Dim}
-    digest: str  # hash of the parsed content, to tell spaces apart across runs
+    digest: str  # hash of the parsed content (its `default` left out), to tell spaces apart across runs
+    default: dict | None = None  # the completed default configuration, if the file declares one
 
     @property
     def name(self) -> str:
@@ -283,6 +292,16 @@ class SearchSpace:
                 problems.append(f"{name}={params[name]!r} is outside the space")
         problems += [f"{name} is not a setting of this space" for name in sorted(set(params) - set(expected))]
         return problems
+
+    def checked(self, params: dict, where: str) -> dict:
+        """`params` completed (`complete`); a one-line error naming `where` and the first
+        violation where it is not a configuration of this space."""
+        params = self.complete(params)
+        problems = self.violations(params)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise PipelineError(f"{where} is outside search space {self.path}: {problems[0]}{more}")
+        return params
 
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout, or site-packages: search_spaces/ lies beside pipeline/
@@ -357,5 +376,12 @@ def load_space(path: str | Path) -> SearchSpace:
             key: _dim(value, *BLOCK_KEYS[key], f"{path}: key '{block}.{key}'") for key, value in spec.items()}}
     sections["top"] = {key: _dim(raw[key], *TOP_SETTINGS[key], f"{path}: key '{key}'")
                        for key in TOP_SETTINGS if key in raw}
-    digest = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return SearchSpace(str(path), depth, sections, digest)
+    identity = {k: v for k, v in raw.items() if k != "default"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    space = SearchSpace(str(path), depth, sections, digest)
+    if "default" not in raw:
+        return space
+    if not isinstance(raw["default"], dict):
+        raise PipelineError(f"{path}: key 'default' must be a mapping of params (the configuration to train "
+                            "without searching)")
+    return dataclasses.replace(space, default=space.checked(raw["default"], f"{path}: key 'default'"))

@@ -29,6 +29,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
 from pipeline import names
+from pipeline.budget.prior import PriorSampler
 from pipeline.budget.rungs import RungSampler
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
@@ -156,12 +157,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
-def make_sampler(name: str, seed: int) -> RungSampler:
-    """`tpe` (the default), or `random`: the tutorial's randomized search, for comparison; in a
+def make_sampler(name: str, seed: int, default: dict | None = None) -> RungSampler:
+    """`tpe` (the default), with the space's `default` as its prior where it has one
+    (pipeline.budget.prior), or `random`: the tutorial's randomized search, for comparison; in a
     study with rungs either learns from one rung at a time (`pipeline.budget.rungs`)."""
     if name == "random":
         return RungSampler(optuna.samplers.RandomSampler(seed=seed), TPE_STARTUP)
-    return RungSampler(TrialSeededSampler(seed), TPE_STARTUP)
+    return RungSampler(PriorSampler(TrialSeededSampler(seed), default, seed), TPE_STARTUP)
 
 
 def set_startup(study: optuna.Study, startup: int) -> None:
@@ -170,8 +172,8 @@ def set_startup(study: optuna.Study, startup: int) -> None:
     worker)."""
     sampler = study.sampler
     sampler.startup = startup
-    if isinstance(sampler.base, TrialSeededSampler):
-        sampler.base.startup = startup
+    if isinstance(sampler.base, PriorSampler):
+        sampler.base.base.startup = startup
 
 
 def this_process() -> str:
@@ -188,7 +190,7 @@ def join_study(settings: Settings, space, *, create: bool = True) -> tuple[optun
     storage = make_storage(settings.storage, settings.heartbeat_interval, settings.grace_period)
     name = settings.study
     pruner = make_pruner(settings.pruner if settings.pruning else "none", settings.epochs, settings.cv_folds)
-    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings.sampler, settings.seed),
+    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(settings.sampler, settings.seed, space.default),
                   pruner=pruner)
     created = False
     try:

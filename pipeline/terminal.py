@@ -34,7 +34,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import names
-from pipeline.best import best_or_none
+from pipeline.best import best_or_none, verdict_of
 from pipeline.config import Settings
 from pipeline.names import mask
 from pipeline.study import counted_trials
@@ -67,7 +67,7 @@ class ProgressBar:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None) -> None:
         best = best_or_none(study, self.settings)
-        self._best = "" if best is None else f"best {self.metric}={best.values[0]:.4f} (trial {best.number})"
+        self._best = "" if best is None else f"best {self.metric}={best.values[0]:.4f} (trial {best.number}{at(best)})"
         self.bar.n = min(counted_trials(study), self.budget)
         self.refresh()
 
@@ -110,6 +110,16 @@ def _console_loggers() -> list[logging.Logger]:
             if any(type(h) is logging.StreamHandler and h.stream is sys.stderr for h in logger.handlers)]
 
 
+def at(trial: optuna.trial.FrozenTrial) -> str:
+    """`, rung 1 (90 s)`: where an evaluation of a study with rungs was made ('' without), so that
+    a best that falls when the study reaches a higher rung does not read as a regression."""
+    if names.RUNG not in trial.user_attrs:
+        return ""
+    seconds = trial.user_attrs.get(names.FIDELITY_SECONDS)
+    fidelity = f"{seconds:.0f} s" if seconds else f"{trial.user_attrs.get(names.FIDELITY_EPOCHS, '?')} epochs"
+    return f", rung {trial.user_attrs[names.RUNG]} ({fidelity})"
+
+
 def dashboard_command(storage: str) -> str:
     """The optuna-dashboard command for a storage URL (a journal file is given by its path)."""
     target = storage.removeprefix("journal://") if storage.startswith("journal://") else mask(storage)
@@ -127,7 +137,10 @@ def summary(study: optuna.Study, settings: Settings, parent_run_id: str, metrics
     if best is None:
         lines.append(f"{label}: none complete yet")
     else:
-        lines.append(f"{label}: #{best.number} {settings.metric}={best.values[0]:.4f}")
+        lines.append(f"{label}: #{best.number} {settings.metric}={best.values[0]:.4f}{at(best)}")
+        verdict = verdict_of(study, settings)
+        if verdict is not None:
+            lines.append(verdict.line(1 if settings.direction == "maximize" else -1))
         params = best.user_attrs.get(names.PARAMS, best.params)
         lines.extend(f"  {k} = {v}" for k, v in params.items())
     for k, v in (metrics or {}).items():

@@ -77,18 +77,9 @@ def load_groups(path: str | Path, space: SearchSpace | None = None, only: list[s
         group_space = space or load_space(space_path)
         names_ = [n for n in only if n in configs] if only else list(configs)
         if names_:
-            chosen.append((group_space, {name: _checked(path, name, configs[name], group_space) for name in names_}))
+            chosen.append((group_space, {name: group_space.checked(configs[name], f"{path}: configuration {name!r}")
+                                         for name in names_}))
     return chosen
-
-
-def _checked(path, name: str, params: dict, space: SearchSpace) -> dict:
-    params = space.complete(params)
-    problems = space.violations(params)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PipelineError(f"{path}: configuration {name!r} is outside search space {space.path}: "
-                            f"{problems[0]}{more}")
-    return params
 
 
 def load_configurations(path: str | Path, space: SearchSpace | None = None, only: list[str] = ()) -> tuple[SearchSpace, dict]:

@@ -21,7 +21,8 @@ import pytest
 from conftest import runs_of
 
 from pipeline import names
-from pipeline.budget.plan import Cost, evaluation_seconds, make_plan, planned_rungs, refit_epochs_for
+from pipeline.budget.plan import (FULL_RUN_EPOCHS, Cost, epochs_in, evaluation_seconds, make_plan, planned_rung_seconds,
+                                  refit_epochs_for, search_share_for)
 from pipeline.budget.rungs import due_promotions
 from pipeline.cli import run
 from pipeline.config import Settings
@@ -61,16 +62,28 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
     s = Settings(time_budget=3600)
     plan = make_plan(s, "main", started=1000.0, cost=cost, rows=8000, val_rows=2000, now=1000.0)
     left = 3600 - (10 + 36)  # the reserve: 10 s + 1% of the budget
-    assert plan.refit_epochs == int((0.5 * left - 5) // 50) == 35
-    assert plan.search_until == pytest.approx(1000 + left - (5 + 35 * 50))
-    assert plan.end == 4600.0 and plan.rungs == (1, 4, 13)  # 3 rungs of ~13 epoch-evaluations each fit the search
-    assert plan.line().startswith("time budget 3600 s: search until ") and "refit 35 epochs ≈ 29 min" in plan.line()
-    # twice the cost per epoch (a slower machine, or one thread): about half the epochs
+    runs = left / cost.fit(FULL_RUN_EPOCHS, 10_000)  # 1.77 full runs of the probed configuration
+    share = search_share_for(runs)
+    assert plan.runs == pytest.approx(runs) and plan.share == pytest.approx(0.15 * runs ** 0.5)
+    assert plan.refit_epochs == int(((1 - share) * left - 5) // 50) == 56
+    assert plan.search_until == pytest.approx(1000 + left - (5 + 56 * 50))
+    # equal-time rungs: three would start below one epoch (48.3 s), so two, 3x apart, as the share pays
+    assert plan.rung_seconds == (122.8, 368.5) and plan.rungs == (2, 8)  # the probed configuration's epochs
+    assert plan.line().startswith("time budget 3600 s: search 20% of the time (the budget pays for 1.8 full runs")
+    assert "equal-time rungs of 123, 368 s (2, 8 epochs of the default)" in plan.line()
+    assert "refit 56 epochs ≈ 47 min" in plan.line()
+    # twice the cost per epoch (a slower machine, or one thread): fewer runs, a smaller share
     slow = make_plan(s, "main", 1000.0, Cost(5.0, 1.0, 100), rows=8000, val_rows=2000, now=1000.0)
-    assert slow.refit_epochs == 17 and slow.rungs == (1, 2, 6)
-    assert slow.search_until == pytest.approx(plan.search_until, abs=60)
+    assert slow.share < plan.share and slow.refit_epochs == int(((1 - slow.share) * left - 5) // 100)
+    # search_share given: the planner's share is not used; 0: no search, the refit takes the time
+    half = make_plan(s.replace(search_share="0.5"), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0)
+    assert half.share == 0.5 and half.runs is None and half.refit_epochs == int((0.5 * left - 5) // 50) == 35
+    none = make_plan(s.replace(search_share="0"), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0)
+    assert none.search_until == 1000.0 and none.rungs == () and none.refit_epochs == (left - 5) // 50
+    assert "no search (search_share=0)" in none.line()
     # without rungs a trial's epochs are capped so that 3 trials fit the search (`epochs` caps further)
-    plain = make_plan(s.replace(rungs="off", epochs=100), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0)
+    plain = make_plan(s.replace(rungs="off", epochs=100, search_share="0.5"), "main", 1000.0, cost, rows=8000,
+                      val_rows=2000, now=1000.0)
     assert plain.rungs == () and plain.trial_epochs == int((1799 / 3 - 5 - 2) // (40 + 10 / 3)) == 13
     # given refit epochs are kept; `search` spends it all; `refit` spends it all on the refit
     assert make_plan(s.replace(refit_epochs=5), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).refit_epochs == 5
@@ -87,12 +100,18 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
     assert make_plan(s.replace(rungs="1,3"), "main", 1000.0, cost, rows=8000, val_rows=2000, now=1000.0).rungs == ()
 
 
-def test_planned_rungs_are_eta_apart_and_fewer_on_a_short_budget():
-    cost = Cost(setup=1.0, batch=0.1, batch_size=100)  # ~10 s an epoch of 8,000 + 2,000 images
-    assert planned_rungs(3000, cost, 8000, 2000, eta=3) == [13, 38, 113]
-    assert planned_rungs(300, cost, 8000, 2000, eta=3) == [1, 3, 9]
-    assert planned_rungs(100, cost, 8000, 2000, eta=3) == [1, 4]  # two rungs where three do not fit
-    assert planned_rungs(30, cost, 8000, 2000, eta=3) == []
+def test_the_search_share_grows_with_the_full_runs_the_budget_pays_for():
+    assert search_share_for(1) == 0.15 and search_share_for(4) == 0.3
+    assert search_share_for(0.1) == 0.1 and search_share_for(100) == 0.75  # between MIN_SHARE and MAX_SHARE
+
+
+def test_planned_rungs_are_equal_time_eta_apart_and_fewer_on_a_short_budget():
+    cost = Cost(setup=1.0, batch=0.1, batch_size=100)  # one epoch of 8,000 + 2,000 images: 9.7 s with its setup
+    assert planned_rung_seconds(3000, cost, 8000, 2000, eta=3) == [109.1, 327.3, 982.0]
+    assert planned_rung_seconds(3000, cost, 8000, 2000, eta=3, cap=300) == [33.3, 100.0, 300.0]  # no longer than the refit
+    assert planned_rung_seconds(300, cost, 8000, 2000, eta=3) == [48.0, 144.0]  # two where three start below an epoch
+    assert planned_rung_seconds(30, cost, 8000, 2000, eta=3) == []
+    assert epochs_in(100.0, 10.0, 30.0) == 3 and epochs_in(20.0, 10.0, 30.0) == 1  # an evaluation trains
 
 
 def test_evaluation_estimates_learn_fixed_and_per_epoch_seconds():
@@ -125,7 +144,7 @@ def test_a_time_budgeted_main_stops_starting_evaluations_once_its_search_share_i
     started = time.time()
     outcome = run_study("main", s, digits, load_space(s.search_space), started=started)
     out = capsys.readouterr().out
-    plan_line = next(line for line in out.splitlines() if line.startswith("time budget 40 s: search until"))
+    plan_line = next(line for line in out.splitlines() if line.startswith("time budget 40 s: search ") and "search until" in line)
     study = outcome.study
     trials = study.trials
     assert 1 <= len(trials) < 1000, "the budget, not n_trials, ended the search"

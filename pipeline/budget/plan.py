@@ -9,13 +9,22 @@ The budget counts from the process's start (loading included) and ends at `start
 - a reserve at the end for the test, the study report and logging: RESERVE_SECONDS + RESERVE_SHARE
   of the budget, plus the forward passes the end makes (the test split's images and the timed
   latency batches, each through every test-time view) at the probe's cost of one;
-- `main`: the refit gets REFIT_SHARE of the time left after loading and the reserve (or
-  `refit_epochs` epochs where given), the search the rest; `search`: all of it; `refit`: all of it;
+- `main`: the search gets a share of the time left after loading and the reserve, the refit the
+  rest (or `refit_epochs` epochs where given); `search`: all of it; `refit`: all of it. The share
+  (`search_share`, auto by default) follows from how many full runs of the probed configuration
+  (the space's default: FULL_RUN_EPOCHS epochs over all training rows) the time pays for: near
+  one, a search can find little that beats training the default longer, so it gets
+  SHARE_AT_ONE_RUN; with n runs SHARE_AT_ONE_RUN x sqrt(n), between MIN_SHARE and MAX_SHARE
+  (`search_share_for`). `search_share=0`: no search, the default trains for the whole budget;
 - without rungs (too short a search for two, or `rungs=off`): a trial's epochs are capped so that
   MIN_TRIALS trials fit the search's share (`epochs` caps it further);
-- the rungs, where `rungs` is empty: the most rungs (at most MAX_RUNGS, a factor `eta` apart) whose
-  top rung is at least 1 epoch when the search's share pays for BRACKETS full brackets of
-  successive halving (a bracket costs about rungs x top-rung epochs).
+- the rungs, where `rungs` is empty: equal-time rungs (`planned_rung_seconds`), each evaluation
+  given a number of *seconds*, its epochs following from its own measured epoch cost, so that a
+  configuration half as costly trains twice the epochs and the rungs rank what configurations
+  reach in equal time: the most rungs (at most MAX_RUNGS, a factor `eta` apart) whose lowest pays
+  for one epoch of the probed configuration when the search's share pays for BRACKETS full
+  brackets (a bracket costs about rungs x top-rung seconds); the top rung no longer than the
+  refit. The plan line gives the probed configuration's epochs at each.
 A `timeout` still sets the search's end; `epochs` still caps a trial without rungs. The refit's
 epochs are planned again when it starts, from a probe of the configuration it refits and the
 time then left (`refit_epochs`).
@@ -33,7 +42,10 @@ from pipeline.config import Settings
 
 RESERVE_SECONDS = 10.0  # the end of a run: the study report, saving, logging and registering the models
 RESERVE_SHARE = 0.01  # and this share of the budget (the test's forward passes are counted apart)
-REFIT_SHARE = 0.5  # of the time after loading and the reserve, for `main`'s refit
+FULL_RUN_EPOCHS = 40  # a full training run: airbench96 trains 37-45 epochs; the CPU hour's refit of
+# airbench94 (42 epochs) ended at train accuracy 0.996 (bench/README.md)
+SHARE_AT_ONE_RUN = 0.15  # the search's share where the time pays for one full run of the default
+MIN_SHARE, MAX_SHARE = 0.1, 0.75
 BRACKETS = 1  # full brackets of successive halving the search's share should pay for
 MIN_TRIALS = 3  # without rungs: plain trials the search's share should pay for
 MAX_RUNGS = 3
@@ -78,18 +90,45 @@ def refit_epochs_for(seconds: float, cost: Cost, rows: int) -> int:
     return max(1, int((seconds - cost.setup) // cost.epoch(rows)))
 
 
-def planned_rungs(search_seconds: float, cost: Cost, rows: int, val_rows: int, eta: int) -> list[int]:
-    """Epochs per rung for a search of `search_seconds`: the top rung is the most epochs for which
+def search_share_for(runs: float) -> float:
+    """The search's share of a budget that pays for `runs` full runs of the default:
+    SHARE_AT_ONE_RUN x sqrt(runs), between MIN_SHARE and MAX_SHARE."""
+    return min(MAX_SHARE, max(MIN_SHARE, SHARE_AT_ONE_RUN * math.sqrt(max(0.0, runs))))
+
+
+def planned_rung_seconds(search_seconds: float, cost: Cost, rows: int, val_rows: int, eta: int,
+                         cap: float = math.inf) -> list[float]:
+    """Seconds per rung for a search of `search_seconds`: the top rung the most seconds for which
     BRACKETS brackets of `count` rungs fit (a bracket costs about `count` top-rung evaluations and
-    eta^(count - 1) evaluations' bookkeeping), the rungs below it a factor eta apart, none below 1
-    epoch; MAX_RUNGS rungs where the top reaches eta epochs, else fewer; [] where not two fit."""
+    eta^(count - 1) evaluations' bookkeeping), at most `cap` (the refit's time), the rungs below it
+    a factor eta apart; MAX_RUNGS rungs where the lowest pays for one epoch of `cost`'s
+    configuration, else fewer; [] where not two do."""
+    one_epoch = cost.fit(1, rows, val_rows)
     for count in range(MAX_RUNGS, 1, -1):
-        per_rung = search_seconds / BRACKETS / count - cost.setup - BOOKKEEPING * eta ** (count - 1)
-        top = int(per_rung // (cost.epoch(rows) + VALIDATION_COST * cost.epoch(val_rows)))
-        rungs = sorted({max(1, round(top / eta ** i)) for i in range(count)})
-        if top >= eta ** (count - 2) and len(rungs) >= 2:
-            return rungs
-    return []  # not even two rungs: plain trials
+        top = min(cap, search_seconds / BRACKETS / count - BOOKKEEPING * eta ** (count - 1))
+        seconds = [round(top / eta ** i, 1) for i in reversed(range(count))]
+        if seconds[0] >= one_epoch:
+            return seconds
+    return []
+
+
+def epochs_in(seconds: float, setup: float, epoch: float) -> int:
+    """The epochs an evaluation of `seconds` trains at `setup` seconds a fit and `epoch` seconds an
+    epoch (its validation included): at least 1."""
+    return max(1, int((seconds - setup) // max(epoch, 1e-6)))
+
+
+# Params that change what a configuration learns, not what an epoch of it costs (a configuration's
+# cost is known by the others: `cost_key`)
+COST_FREE = ("learning_rate", "warmup", "weight_decay", "label_smoothing", "momentum", "schedule", "optimizer",
+             "bn_momentum", "bn_bias_lr", "head_scale", "dropout", "max_norm", "tta")
+
+
+def cost_key(params: dict) -> str:
+    """What a configuration's epoch cost is known by: its params less the COST_FREE ones (and
+    those ending in them: `conv2_dropout`, `dense_max_norm`), as one sorted string."""
+    kept = sorted((k, v) for k, v in params.items() if not k.endswith(COST_FREE))
+    return ",".join(f"{k}={v}" for k, v in kept)
 
 
 def duration(seconds: float) -> str:
@@ -104,15 +143,26 @@ class Plan:
     search_until: float | None  # epoch seconds: no evaluation starts that cannot finish by then
     refit_epochs: int  # 0: no refit in this command
     refit_seconds: float
-    rungs: tuple[int, ...]  # planned epochs per rung ((): none planned)
+    rungs: tuple[int, ...]  # planned epochs per rung ((): none planned); with rung_seconds, the probed configuration's
     trial_epochs: int = 0  # without rungs: the most epochs a trial may train (0: `epochs`, unplanned)
     reserve: float = 0.0  # seconds kept at the end (`reserve`)
+    rung_seconds: tuple[float, ...] = ()  # equal-time rungs: seconds per rung
+    share: float | None = None  # `main`: the search's share of the time after loading and the reserve
+    runs: float | None = None  # `main`: the full runs of the probed configuration that time pays for
 
     def line(self) -> str:
         parts = []
-        if self.search_until is not None:
+        if self.share is not None:
+            why = (f"the budget pays for {self.runs:.1f} full runs of {FULL_RUN_EPOCHS} epochs of the default"
+                   if self.runs is not None else "search_share")
+            parts.append(f"search {self.share:.0%} of the time ({why})" if self.share else
+                         "no search (search_share=0): the default trains for the whole budget")
+        if self.search_until is not None and self.share != 0:
             parts.append(f"search until {time.strftime('%H:%M:%S UTC', time.gmtime(self.search_until))}")
-        if self.rungs:
+        if self.rung_seconds:
+            parts.append(f"equal-time rungs of {', '.join(f'{s:.0f}' for s in self.rung_seconds)} s "
+                         f"({', '.join(map(str, self.rungs))} epochs of the default)")
+        elif self.rungs:
             parts.append(f"rungs of {', '.join(map(str, self.rungs))} epochs")
         elif self.trial_epochs:
             parts.append(f"trials of at most {self.trial_epochs} epoch(s)")
@@ -124,9 +174,10 @@ class Plan:
 
     def metrics(self, now: float) -> dict:
         """The plan as numbers for the parent run (beside the tag `plan`, the line)."""
+        shares = {} if self.share is None else {"plan_search_share": self.share}
         return {"plan_budget_seconds": self.budget, "plan_refit_epochs": self.refit_epochs,
                 "plan_search_seconds": max(0.0, (self.search_until or now) - now),
-                "plan_search_until": self.search_until or 0.0}
+                "plan_search_until": self.search_until or 0.0, **shares}
 
 
 def make_plan(settings: Settings, command: str, started: float, cost: Cost | None, *, rows: int, val_rows: int,
@@ -141,26 +192,37 @@ def make_plan(settings: Settings, command: str, started: float, cost: Cost | Non
     kept = reserve(settings, cost, forward_images if command in ("main", "refit") else 0)
     left = end - now - kept
     full = rows + val_rows
-    refit_epochs, refit_seconds = 0, 0.0
+    refit_epochs, refit_seconds, share, runs = 0, 0.0, None, None
     if command == "main":
+        share = settings.share
+        if share is None:
+            runs = left / cost.fit(FULL_RUN_EPOCHS, full)
+            share = search_share_for(runs)
         if settings.refit_epochs:
             refit_epochs = settings.refit_epochs
         else:
-            refit_epochs = refit_epochs_for(REFIT_SHARE * left, cost, full)
+            refit_epochs = refit_epochs_for((1 - share) * left, cost, full)
         refit_seconds = cost.fit(refit_epochs, full)
     elif command == "refit":
         refit_epochs = settings.refit_epochs or refit_epochs_for(left, cost, full)
         refit_seconds = cost.fit(refit_epochs, full)
     search_until = None
     rungs: list[int] = []
+    seconds: list[float] = []
     if command in ("main", "search"):
         search_until = now + max(0.0, left - refit_seconds)
-        if settings.rung_epochs is None and cost is not None:
-            rungs = planned_rungs(search_until - now, cost, rows, val_rows, settings.eta)
+        if settings.rung_epochs is None and cost is not None and share != 0:
+            seconds = planned_rung_seconds(search_until - now, cost, rows, val_rows, settings.eta,
+                                           cap=math.inf if settings.refit_epochs or not refit_seconds else refit_seconds)
+            per_epoch = cost.epoch(rows) + VALIDATION_COST * cost.epoch(val_rows)
+            rungs = [epochs_in(s, cost.setup + BOOKKEEPING, per_epoch) for s in seconds]
+    if share == 0:
+        search_until = now
     trial_epochs = 0
-    if search_until is not None and cost is not None and not rungs and settings.rung_epochs in (None, []):
+    if search_until is not None and cost is not None and not rungs and settings.rung_epochs in (None, []) and share != 0:
         trial_epochs = min(settings.epochs, trial_epochs_for(search_until - now, cost, rows, val_rows))
-    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs), trial_epochs, kept)
+    return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs), trial_epochs, kept,
+                tuple(seconds), share, runs)
 
 
 def trial_epochs_for(search_seconds: float, cost: Cost, rows: int, val_rows: int) -> int:

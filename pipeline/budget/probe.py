@@ -32,10 +32,12 @@ class _BatchClock(keras.callbacks.Callback):
         self.ends.append(time.perf_counter())
 
 
-def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed: int = 0) -> Cost:
-    """The `Cost` of training `params` on this machine, measured on a few batches of `rows`."""
+def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed: int = 0,
+          warmup: int = WARMUP, batches: int = BATCHES) -> Cost:
+    """The `Cost` of training `params` on this machine, measured on `warmup` + `batches` batches
+    of `rows` (fewer for an evaluation's own probe, pipeline.search)."""
     batch_size = params.get("batch_size", 32)
-    take = np.asarray(rows)[: batch_size * (WARMUP + BATCHES)]
+    take = np.asarray(rows)[: batch_size * (warmup + batches)]
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
     images = Images(x[take], y[take])
@@ -44,7 +46,7 @@ def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed:
     model.fit(images.batches(np.arange(len(take)), batch_size, shuffle=True, seed=seed), epochs=1,
               callbacks=[clock], shuffle=False, verbose=0)
     ends = clock.ends
-    first = min(WARMUP, len(ends) - 2)
+    first = min(warmup, len(ends) - 2)
     if first < 0:  # one batch only: all of it counts as the batch
         return Cost(0.0, ends[-1] - start, batch_size)
     batch = float(np.median(np.diff(ends[first:])))  # the median: a batch another process slowed counts little

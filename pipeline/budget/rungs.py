@@ -16,6 +16,13 @@ epochs, with a schedule that spans them (no pruning inside it):
   the rung with them, come along, so the retry trains the same rung.
 A study without the attrs, or with `rungs` [], has plain trials, as before rungs existed.
 
+Equal-time rungs (study attr `rung_seconds`, planned under a time budget): an evaluation of rung
+r is given `rung_seconds[r]` seconds, and its epochs follow from its configuration's epoch cost
+(pipeline.search); `rungs` then holds the probed configuration's epochs at each, for reading.
+The space's default (the control, user attr `control`) is promoted first, whatever its rank,
+whenever a rung promotes any evaluation: it is the first evaluation of every rung, so the refit
+can compare each challenger with it at equal time (pipeline.budget.prior).
+
 The sampler learns from one rung at a time, as BOHB does (Falkner et al. 2018): `RungSampler` shows
 it only the evaluations of the highest rung with at least `startup` complete ones, else rung 0.
 """
@@ -49,9 +56,11 @@ def check_rungs(study: optuna.Study, wanted: list[int] | None) -> None:
                             f"{','.join(map(str, stored)) or 'off'}; use another study_name")
 
 
-def fix_rungs(study: optuna.Study, wanted: list[int] | None, planned: list[int], eta: int) -> list[int]:
-    """The study's rungs: those it stores, else `wanted` (the `rungs` setting; None: `planned`),
-    stored now. A study that already has trials but no rungs keeps plain trials."""
+def fix_rungs(study: optuna.Study, wanted: list[int] | None, planned: list[int], eta: int,
+              seconds: list[float] = ()) -> list[int]:
+    """The study's rungs: those it stores, else `wanted` (the `rungs` setting; None: `planned`,
+    with the planned equal-time `seconds` where given), stored now. A study that already has
+    trials but no rungs keeps plain trials."""
     check_rungs(study, wanted)
     stored = study.user_attrs.get(names.RUNGS)
     if stored is None:
@@ -59,6 +68,8 @@ def fix_rungs(study: optuna.Study, wanted: list[int] | None, planned: list[int],
         if rungs and _has_run(study):
             print(f"study {study.study_name!r} was made without rungs: it keeps plain trials")
             rungs = []
+        if wanted is None and rungs and seconds:
+            study.set_user_attr(names.RUNG_SECONDS, list(seconds))
         study.set_user_attr(names.RUNGS, rungs)
         study.set_user_attr(names.ETA, eta)
         stored = study.user_attrs[names.RUNGS]  # a worker that wrote at the same moment may have won
@@ -80,6 +91,15 @@ def rung_of(trial) -> int:
     return int(trial.user_attrs.get(names.RUNG, 0))
 
 
+def rung_seconds(study: optuna.Study) -> list[float]:
+    """Seconds per rung of a study with equal-time rungs ([] otherwise: epochs per rung, or none)."""
+    return list(study.user_attrs.get(names.RUNG_SECONDS) or [])
+
+
+def is_control(trial) -> bool:
+    return bool(trial.user_attrs.get(names.CONTROL))
+
+
 def _sign(study: optuna.Study) -> int:
     return 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
 
@@ -93,7 +113,11 @@ def due_promotions(study: optuna.Study, rungs: list[int], eta: int) -> list[tupl
     for rung in reversed(range(len(rungs) - 1)):
         done = sorted((t for t in trials if t.state == COMPLETE and rung_of(t) == rung),
                       key=lambda t: (-_sign(study) * t.values[0], t.number))
-        due += [(t, rung + 1) for t in done[: len(done) // eta] if (rung + 1, t.number) not in promoted]
+        top = done[: len(done) // eta]
+        control = [t for t in done if is_control(t)]
+        if top and control:  # the control goes up first whenever the rung promotes anything
+            top = control + [t for t in top if not is_control(t)]
+        due += [(t, rung + 1) for t in top if (rung + 1, t.number) not in promoted]
     return due
 
 
@@ -102,8 +126,9 @@ def promote(study: optuna.Study, rungs: list[int], eta: int) -> list[int]:
     due = due_promotions(study, rungs, eta)
     for trial, rung in due:
         attrs = {names.RUNG: rung, names.PROMOTED_FROM: trial.number}
-        if names.WARM_START in trial.user_attrs:
-            attrs[names.WARM_START] = trial.user_attrs[names.WARM_START]
+        for key in (names.WARM_START, names.CONTROL):
+            if key in trial.user_attrs:
+                attrs[key] = trial.user_attrs[key]
         study.enqueue_trial(trial.params, user_attrs=attrs)
     return [t.number for t, _ in due]
 
