@@ -16,7 +16,7 @@ same planner, refit and test (`python -m pipeline main --time-budget B`, one pro
   best completed trial is written as a one-configuration warm start and refit by our planner:
   `main --warm-start best.yaml --search-share 0 --time-budget <B less the seconds Hyperband used>`.
 
-    python bench/budget_suite.py                          # the whole grid (about 2 days on 2 cores)
+    python bench/budget_suite.py                          # the whole grid: 50 jobs, about 7 h on 2 cores
     python bench/budget_suite.py --datasets photos --budgets 600 --seeds 42   # a part
     python bench/budget_suite.py --datasets digits --budgets 40 --sides search,kerastuner  # plumbing
     python bench/budget_suite.py --dry-run                # print the commands, run nothing
@@ -208,7 +208,7 @@ def run_pipeline(job: Job, command: list[str], core: int | None, log) -> dict:
                           env=pipeline_env(job.folder), stdout=log, stderr=subprocess.STDOUT)
     wall = time.monotonic() - start
     if proc.returncode:
-        raise Crashed(f"{job.key}: python -m pipeline exited {proc.returncode}")
+        raise Crashed(f"python -m pipeline exited {proc.returncode}")
     return {"wall_s": round(wall, 1), **figures(job, command)}
 
 
@@ -264,7 +264,7 @@ def run_kerastuner(job: Job, core: int | None, kt_share: float, log) -> dict:
                             stderr=subprocess.STDOUT)
     try:
         if proc.wait(timeout=share):
-            raise Crashed(f"{job.key}: the KerasTuner worker exited {proc.returncode}")
+            raise Crashed(f"the KerasTuner worker exited {proc.returncode}")
         ended = "finished"
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -444,9 +444,9 @@ def run_suite(todo: list[Job], kt_share: float) -> None:
                 rec = run_job(job, core, kt_share)
                 print(f"{time.strftime('%H:%M:%S')} done  {job.key}: test accuracy {rec['test_accuracy']:.4f}, "
                       f"{rec['configurations']} configurations, wall {rec['wall_s']:.0f} s", flush=True)
-            except Crashed as e:
-                print(f"{time.strftime('%H:%M:%S')} CRASHED {e}; no record, log {RESULTS / (job.key + '.log')}",
-                      flush=True)
+            except Exception as e:  # noqa: BLE001 (any failure: no record, the log kept, the suite goes on)
+                print(f"{time.strftime('%H:%M:%S')} CRASHED {job.key}: {type(e).__name__}: {e}; no record, "
+                      f"log {RESULTS / (job.key + '.log')}", flush=True)
             with lock:
                 running.discard(job)
                 lock.notify_all()
