@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, result_line
+from common import ROOT, pipeline_env, result_line
 
 import optuna  # noqa: E402
 
@@ -57,9 +57,7 @@ def run_side(args, side: str, folder: Path, core: int | None = None):
               "--experiment-name", f"bench-{side}"]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = pipeline_env(folder)
     if side == "search":
         command = ["main", *common, "--n-trials", str(args.n_trials), "--workers", str(args.workers),
                    *warm(args), *shlex.split(args.extra)]

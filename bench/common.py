@@ -1,10 +1,12 @@
 """Helpers shared by the bench scripts: import path, quiet TensorFlow, an epoch clock,
-temporary MLflow/Optuna stores, and the `name=value` result line."""
+temporary MLflow/Optuna stores, the environment of a `python -m pipeline` process, what machine
+and commit a figure comes from, and the `name=value` result line."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +80,28 @@ def fixed_space(folder: Path, batch_size: int = 32) -> Path:
     path = folder / "fixed_space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path
+
+
+def pipeline_env(folder: Path) -> dict:
+    """The environment of a `python -m pipeline` process whose MLflow store is `folder`/mlflow.db
+    (this checkout's package first on its path, no inherited project run, TensorFlow quiet)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def machine() -> dict:
+    """Where a figure comes from: the commit (`-dirty` with uncommitted changes to pipeline/ or
+    bench/), the CPU's model and the flags that change its speed at training (AVX-512 BF16,
+    AMX), its cores, and the load average."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return {"commit": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "pipeline", "bench") else ""),
+            "cpu": model, "cores": len(os.sched_getaffinity(0)), "avx512_bf16": "avx512_bf16" in flags,
+            "amx": bool(flags & {"amx_bf16", "amx_tile", "amx_int8"}), "load": [round(x, 2) for x in os.getloadavg()]}
 
 
 def result_line(values: dict) -> str:
