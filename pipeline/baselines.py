@@ -23,7 +23,7 @@ from pipeline.config import Settings
 from pipeline.model import inference_batch, with_tta
 from pipeline.refit import score
 from pipeline.tracking import Tracker, log_datasets, log_metrics
-from pipeline.train import KeepModel, train, validation_splits
+from pipeline.train import KeepModel, class_weights, train, validation_splits
 from pipeline.warm_start import load_groups
 
 COLUMNS = ("name", "parameters", "val_accuracy", "test_accuracy", "seconds")
@@ -35,7 +35,8 @@ def train_and_test(params: dict, split, data, x_test, y_test, settings: Settings
     start = time.perf_counter()
     metrics = train(params, split, data.input_shape, data.n_classes, epochs=settings.epochs, monitor=settings.metric,
                     direction=settings.direction, patience=settings.patience, callbacks=[*callbacks, keep],
-                    seed=settings.seed)
+                    seed=settings.seed,
+                    class_weight=class_weights(settings.class_weight, data.y_train[split.train_rows], data.n_classes))
     metrics["seconds"] = time.perf_counter() - start
     model = with_tta(keep.model, params.get("tta", "none"))  # scored with its test-time views, as a refit is
     y_pred = model.predict(x_test, verbose=0, batch_size=inference_batch(x_test.shape[1:])).argmax(axis=1)
@@ -55,7 +56,7 @@ def run_baselines(settings: Settings, data, device: str = "") -> list[dict]:
     """Train and test every chosen baseline; returns the table's rows."""
     groups = load_groups(settings.baselines, only=settings.only_names)
     configs = {name: (space, params) for space, chosen in groups for name, params in chosen.items()}
-    split = validation_splits(data.x_train, data.y_train, 1, settings.val_fraction, settings.seed)[0]
+    split = validation_splits(data.x_train, data.y_train, 1, settings.val_fraction, settings.seed, data.val_rows)[0]
     tracker = Tracker(settings, run_name=f"baselines-{data.name}", device=device)
     client, parent = tracker.client, tracker.parent_run_id
     for k, v in {"pipeline.role": "baselines", "dataset": settings.dataset, "baselines": settings.baselines,

@@ -18,7 +18,9 @@ PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
 EXTRA_OBJECTIVES = ("params", "latency_ms")  # minimized beside the metric in multi-objective studies
 DEFAULT_OBJECTIVES = "val_accuracy"
-METRICS = ("val_accuracy", "val_loss")  # the validation metrics a fit reports
+METRICS = ("val_accuracy", "val_loss", "val_f1_macro", "val_balanced_accuracy")  # the validation metrics a fit reports
+BALANCED_METRICS = ("val_f1_macro", "val_balanced_accuracy")  # every class counts alike (maximized)
+CLASS_WEIGHTS = ("none", "balanced")  # the `class_weight` setting: Keras' loss weight per class
 BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's backends
 SEARCHES = ("main", "search")  # the commands that search
 REFITS = ("main", "refit")  # the commands that refit and test
@@ -42,15 +44,20 @@ class Settings:
     study_name: str = _param("", "Optuna study name (default: <dataset>-<space>)")
     storage: str = _param("sqlite:///optuna.db", "Optuna storage URL")
     seed: int = _param(42, "seed of the sampler, the splits and the weights")
-    cv_folds: int = _param(1, "1 = hold-out validation; k > 1 = stratified k-fold CV")
+    cv_folds: int = _param(1, "1 = hold-out validation (an image folder's validation/ folder where it has one); "
+                              "k > 1 = stratified k-fold CV (over train/ and validation/ pooled where both exist)")
     pruner: str = _param("median", "median, hyperband or none")
     sampler: str = _param("tpe", "tpe (Optuna's TPE, seeded per trial) or random (the tutorial's randomized search)")
     experiment_name: str = _param("cnn-search", "MLflow experiment (ignored under `mlflow run`, which picks its own)")
     image_size: int = _param(0, "resize images to N x N (0 = keep the native size)")
-    metric: str = _param("val_accuracy", "validation metric the search optimizes")
+    metric: str = _param("val_accuracy", "validation metric the search optimizes, prunes and ranks rungs by: "
+                                         "val_accuracy, val_loss (direction minimize), or, for imbalanced classes, "
+                                         "val_f1_macro or val_balanced_accuracy (macro F1, mean recall per class; "
+                                         "maximize)")
     direction: str = _param("maximize", "maximize or minimize the metric")
     patience: int = _param(3, "early-stopping patience in epochs")
-    val_fraction: float = _param(0.2, "share of the train split held out for validation")
+    val_fraction: float = _param(0.2, "share of the train split held out for validation (unused where an image "
+                                      "folder has validation/, val/ or valid/ beside train/: that folder validates)")
     # issue 4: results a person can read
     registered_model_name: str = _param("", "MLflow registered model of the refit (default: the study name)")
     # issue 3: distributed, resumable, crash-safe studies
@@ -87,6 +94,9 @@ class Settings:
                                        "0 = no search, the default (or first warm start) trained for the whole budget")
     workers: int = _param(1, "worker processes on this machine sharing the study (main, search); "
                              "threads then counts per worker (0 = the cores split between them)")
+    # issue 40: a user's image folders as they come
+    class_weight: str = _param("none", "none or balanced: weigh each class's loss by n / (classes x its count) "
+                                       "in every fit, the trials' and the refit's (for imbalanced classes)")
 
     def __post_init__(self):
         if not self.search_space:  # the default depends on the dataset
@@ -109,6 +119,9 @@ class Settings:
             (self.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}"),
             (self.direction in ("maximize", "minimize"), "direction", "must be maximize or minimize"),
             (self.metric in METRICS, "metric", f"must be one of {', '.join(METRICS)} (what a fit reports)"),
+            (self.metric not in BALANCED_METRICS or self.direction == "maximize", "metric",
+             f"is maximized: set direction=maximize (direction={self.direction!r})"),
+            (self.class_weight in CLASS_WEIGHTS, "class_weight", f"must be one of {', '.join(CLASS_WEIGHTS)}"),
             (bool(self.dataset), "dataset", "must not be empty"),
             (bool(self.storage), "storage", "must not be empty"),
             (not set("/:") & set(self.registered_model_name), "registered_model_name", "must not contain '/' or ':'"),

@@ -17,7 +17,8 @@ padding, so every configuration builds for any input size (8x8 digits included):
 never shrinks a side below 1 (only the whitening stem's k x k conv is "valid", k - 1
 pixels narrower; `pool_padding: valid` pools "valid" where a side is at least the pool).
 Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute in float16,
-the output layer stays float32, and `compile` adds loss scaling itself.
+the output layer stays float32, and `compile` adds loss scaling itself. Besides `accuracy`
+the model reports `f1_macro` and `balanced_accuracy` each epoch (pipeline.class_metrics).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import time
 import keras
 import numpy as np
 from keras import layers, ops
+
+from pipeline.class_metrics import BalancedAccuracy, F1Macro
 
 SERIALIZABLE = keras.saving.register_keras_serializable(package="pipeline")
 
@@ -444,7 +447,7 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
         optimizer=make_optimizer(params.get("optimizer", "adam"), learning_rate(params, total_steps),
                                  params.get("momentum"), params.get("weight_decay")),
         loss=SmoothedSparseCrossentropy(smoothing) if smoothing > 0 else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+        metrics=["accuracy", F1Macro(n_classes), BalancedAccuracy(n_classes)],  # each class alike: pipeline.class_metrics
     )
     return model
 

@@ -1,5 +1,9 @@
 """Refit the best trial on the whole train split, then score it once on the test split.
 
+The whole train split is every training row: an image folder's train/ and its validation
+folder (validation/, val/ or valid/) together; a `class_weight` weighs the refit's loss as
+it weighed the trials'.
+
 The best trial (in a multi-objective study: the Pareto trial the `select` rule picks, see
 pipeline/best.py) is refit for the epochs it actually needed (its best epoch), or for
 `refit_epochs` (a learning-rate schedule then spans those epochs), printing a
@@ -30,7 +34,7 @@ from pipeline.model import (LATENCY_IMAGES, LATENCY_REPEATS, for_serving, infere
 from pipeline.report import log_test_report
 from pipeline.serving import log_models
 from pipeline.tracking import Tracker, log_datasets, log_metrics
-from pipeline.train import EpochLines, fit_full
+from pipeline.train import EpochLines, class_weights, fit_full
 
 
 def score(y_true, y_pred, class_names: list[str]) -> tuple[dict, dict, str]:
@@ -74,14 +78,17 @@ def refit_and_test(study: optuna.Study, data, settings: Settings, tracker: Track
     epochs = epochs or settings.refit_epochs or int(best.user_attrs[names.EPOCHS_NEEDED])
     client, run_id = tracker.client, tracker.parent_run_id
     what = f"trial {best.number} ({settings.metric}={best.values[0]:.4f})" if best else "the default, unsearched,"
-    print(f"refit: {what} for {epochs} epoch(s) on all {len(data.y_train)} training images", flush=True)
+    folders = " + ".join(data.folders[k] for k in ("training", "validation") if k in data.folders)
+    print(f"refit: {what} for {epochs} epoch(s) on all {len(data.y_train)} training images"
+          + (f" ({folders})" if folders else ""), flush=True)
     # the parent's epochs continue across refits, so a second refit's curve follows the first's
     offset = len(client.get_metric_history(run_id, "train_loss"))
     callbacks = [tracker.epoch_logger(run_id, offset), EpochLines("refit", epochs)]
     start = time.perf_counter()
     with tracker.system_metrics(run_id, resume=True):
         model = fit_full(params, data.x_train, data.y_train, data.input_shape, data.n_classes, epochs=epochs,
-                         seed=settings.seed, callbacks=callbacks, stop_at=stop_at)
+                         seed=settings.seed, callbacks=callbacks, stop_at=stop_at,
+                         class_weight=class_weights(settings.class_weight, data.y_train, data.n_classes))
     model = with_tta(for_serving(model), params.get("tta", "none"))  # what is scored is what is served
     tracker.flush(run_id)
     fitted = time.perf_counter()

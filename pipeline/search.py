@@ -1,6 +1,8 @@
 """The search: a thin Optuna objective around `train`, and the loop that spends the budget.
 
-`Objective` holds the data (split once, in memory) and per trial: records which process
+`Objective` holds the data (split once, in memory: an image folder's validation folder is
+the validation split, pipeline.train.validation_splits; each fold's `class_weight` is
+computed from its training rows) and per trial: records which process
 runs it, closes the MLflow runs of trials whose worker died, samples params from the space,
 opens the trial's MLflow run (with the training and validation rows as its datasets),
 trains each fold with pruning and logging callbacks, and
@@ -46,7 +48,7 @@ from pipeline.recover import HOST, mark_owner, recover, settle
 from pipeline.study import counted_trials, deadline
 from pipeline.terminal import progress_bar
 from pipeline.tracking import Tracker, log_datasets, log_metrics
-from pipeline.train import KeepModel, StopAt, train, validation_splits
+from pipeline.train import KeepModel, StopAt, class_weights, train, validation_splits
 
 DEADLINE_MARGIN = 0.1  # seconds: stop starting trials this much before the deadline (Optuna's own clock starts later)
 EVALUATION_PROBE = (2, 5)  # batches untimed, then timed, of an evaluation whose configuration's cost is not known
@@ -88,8 +90,11 @@ class Objective:
         self.extra_callbacks, self.rungs = list(callbacks), []  # the rungs: set once the study's are fixed
         self.seconds: list[float] = []  # equal-time rungs: seconds per rung (set with the rungs)
         self.until: float | None = None
-        self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed)
+        self.splits = validation_splits(data.x_train, data.y_train, settings.cv_folds, settings.val_fraction, settings.seed,
+                                        data.val_rows)
         x, y = data.x_train, data.y_train
+        self.class_weights = [class_weights(settings.class_weight, y[split.train_rows], data.n_classes)
+                              for split in self.splits]
         self.inputs = [(data.lineage(x, y, rows), context) for split in self.splits
                        for rows, context in ((split.train_rows, "training"), (split.val_rows, "validation"))]
 
@@ -163,7 +168,8 @@ class Objective:
                 folds.append(
                     train(params, split, self.data.input_shape, self.data.n_classes, epochs=epochs,
                           monitor=s.metric, direction=s.direction, patience=s.patience,
-                          callbacks=callbacks, seed=s.seed if self.seconds else s.seed + trial.number)
+                          callbacks=callbacks, seed=s.seed if self.seconds else s.seed + trial.number,
+                          class_weight=self.class_weights[k])
                 )
                 if stop and stop.stopped:
                     self._cut(trial, f"the search's share of the time budget ended: fold {k + 1}, {stop.where}")

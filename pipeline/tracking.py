@@ -46,6 +46,7 @@ FAIL_REASON = "pipeline.fail_reason"  # MLflow tag (and trial user attr `fail_re
 DESCRIPTION = "mlflow.note.content"  # the run page's Markdown description
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI's "Machine learning" kind
 RACE_TRIES = 3  # attempts of a write that other workers may make at the same moment (`race_safe`)
+LINEAGE_TEXT = 500  # characters of a dataset input tag's text kept
 SYSTEM_METRICS_INTERVAL = 5  # seconds between samples of `system_metrics=1` (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides)
 
 
@@ -118,7 +119,9 @@ def close_dead_runs(client: MlflowClient, study: optuna.Study, experiment_id: st
 
 def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, str]]) -> None:
     """Log (dataset, context) pairs as the run's MLflow dataset inputs, in one round trip:
-    name, digest and source, rows and image shape in the profile, classes as an input tag.
+    name, digest and source, rows and image shape in the profile, classes as an input tag, and
+    for an image folder what reading it met (`images_read`, `original_sizes`, `image_size`,
+    `skipped`: pipeline.reads) as input tags too.
     Only this description is stored: no image leaves the process. A race with another worker
     logging the same dataset (a unique-key conflict in the store) is retried."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -142,6 +145,7 @@ def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, 
         dataset = from_numpy(features, source=source(lineage.source), targets=np.zeros(lineage.rows, np.int32),
                              name=lineage.name, digest=lineage.digest)
         tags = [InputTag("mlflow.data.context", context), InputTag("classes", str(lineage.classes))]
+        tags += [InputTag(key, text[:LINEAGE_TEXT]) for key, text in lineage.facts]
         entries.append(DatasetInput(dataset._to_mlflow_entity(), tags))
     race_safe(client.log_inputs, run_id, datasets=entries)
 
@@ -266,7 +270,8 @@ class Tracker:
             for k, v in {"dataset": s.dataset, "search_space": s.search_space, "metric": s.metric,
                          "direction": s.direction, "epochs": s.epochs, "cv_folds": s.cv_folds,
                          "pruner": s.pruner if s.pruning else "none", "seed": s.seed, "storage": mask(s.storage),
-                         "objectives": ",".join(s.objective_names), "keras_backend": s.keras_backend}.items():
+                         "objectives": ",".join(s.objective_names), "keras_backend": s.keras_backend,
+                         "class_weight": s.class_weight}.items():
                 race_safe(self.client.log_param, self.parent_run_id, k, v)
 
     @property

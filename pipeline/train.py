@@ -9,7 +9,8 @@ numpy array. The model scales pixels itself. Nothing is copied per trial.
 Callers pass callbacks (pruning, logging) in; early stopping on the monitored validation
 metric is added here and the best epoch's weights are kept. The metrics returned are those
 of the best epoch, prefixed `train_` / `val_`, plus `epochs_needed` (best epoch, 1-based)
-and `epochs_run`.
+and `epochs_run`. A `class_weight` (`class_weights`: the `class_weight` setting) weighs each
+class's loss in every fit, a trial's and the refit's.
 
 A learning-rate schedule (`schedule` param) spans the fit's epoch count: a trial's epoch
 cap (early stopping may end it before the rate reaches 0), the refit's own epochs. A
@@ -245,15 +246,32 @@ class Split:
         return self.images.batches(self.val_rows, batch_size)
 
 
-def validation_splits(x, y, cv_folds: int, val_fraction: float, seed: int) -> list[Split]:
+def validation_splits(x, y, cv_folds: int, val_fraction: float, seed: int,
+                      val_rows: np.ndarray | None = None) -> list[Split]:
     """Stratified, seeded splits of the train split: one hold-out split, or k CV folds,
-    all sharing one conversion of `x` to tensors."""
+    all sharing one conversion of `x` to tensors. `val_rows` (a validation folder's rows,
+    pipeline.data): with `cv_folds=1` they are the validation split and every other row
+    trains (`val_fraction` unused); with `cv_folds > 1` the folds are drawn from all rows,
+    the validation folder's pooled with train/'s."""
+    images = Images(x, y)
+    if val_rows is not None and cv_folds == 1:
+        val_rows = np.asarray(val_rows, np.int64)
+        return [Split(images, np.setdiff1d(np.arange(len(y)), val_rows), val_rows)]
     if cv_folds == 1:
         splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     else:
         splitter = StratifiedKFold(n_splits=cv_folds, shuffle=True, random_state=seed)
-    images = Images(x, y)
     return [Split(images, tr, va) for tr, va in splitter.split(np.zeros(len(y)), y)]
+
+
+def class_weights(how: str, y: np.ndarray, n_classes: int) -> dict[int, float] | None:
+    """Keras' `class_weight` of a fit on labels `y`: None for `none`; for `balanced` each
+    class weighs n / (classes x its count), as scikit-learn's "balanced" (a class absent from
+    `y` weighs 1), so every class adds as much to the loss as any other."""
+    if how == "none":
+        return None
+    counts = np.bincount(np.asarray(y, np.int64), minlength=n_classes)
+    return {c: (len(y) / (n_classes * int(n)) if n else 1.0) for c, n in enumerate(counts)}
 
 
 def scheduled_model(params: dict, input_shape: tuple, n_classes: int, train_images: int, epochs: int) -> keras.Model:
@@ -389,8 +407,10 @@ def train(
     patience: int = 3,
     callbacks: list | None = None,
     seed: int = 42,
+    class_weight: dict[int, float] | None = None,
 ) -> dict:
-    """Fit a fresh model on `split` and return the best epoch's metrics."""
+    """Fit a fresh model on `split` and return the best epoch's metrics. `class_weight`:
+    Keras' loss weight of each class (`class_weights`), None = all 1."""
     fresh_start(seed)
     model = model_for(params, input_shape, n_classes, split.images, split.train_rows, epochs)
     mode = "max" if direction == "maximize" else "min"
@@ -403,6 +423,7 @@ def train(
             validation_data=split.val_batches(batch_size),
             epochs=epochs,
             callbacks=callbacks,
+            class_weight=class_weight,
             shuffle=False,  # the train batches reshuffle themselves
             verbose=0,
         ).history
@@ -414,9 +435,9 @@ def train(
 
 
 def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: int, seed: int = 42, callbacks=None,
-             stop_at: float | None = None):
+             stop_at: float | None = None, class_weight: dict[int, float] | None = None):
     """Refit on the whole train split for a fixed number of epochs (`stop_at`: or until then,
-    epoch seconds); returns the model."""
+    epoch seconds), with `class_weight` as `train`'s; returns the model."""
     fresh_start(seed)
     if stop_at is not None:
         callbacks = [*(callbacks or []), StopAt(stop_at)]
@@ -425,5 +446,5 @@ def fit_full(params: dict, x, y, input_shape: tuple, n_classes: int, *, epochs: 
     callbacks, flips = fit_callbacks(params, images, seed, callbacks or [])
     batches = images.batches(np.arange(len(images)), params.get("batch_size", 32), shuffle=True, seed=seed, flips=flips)
     with forget_custom_gradients():
-        model.fit(batches, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=0)
+        model.fit(batches, epochs=epochs, callbacks=callbacks, class_weight=class_weight, shuffle=False, verbose=0)
     return model

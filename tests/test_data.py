@@ -3,6 +3,7 @@ writes (read through the local-copy path), and the errors for bad input."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import tarfile
 
@@ -78,14 +79,15 @@ def test_image_size_resizes_array_datasets():
         (lambda root: None, "not a known dataset"),
         (lambda root: root.mkdir(), "no class folders"),
         (lambda root: (root / "cat").mkdir(parents=True), "class folder has no png/jpg/jpeg image"),
-        (lambda root: (write_images(root), (root / "dog" / "3.png").write_bytes(b"not a png")), "3.png: cannot read image"),
+        (lambda root: (write_images(root, n=1), (root / "dog" / "0.png").write_bytes(b"not a png")),
+         "dog: no readable image"),
         (lambda root: write_images(root, classes=("cat",)), "one class ('cat'); a classifier needs at least 2"),
         (lambda root: (write_images(root / "train", classes=("cat",)), write_images(root / "test", classes=("cat",))),
          "one class ('cat')"),
         (lambda root: (write_images(root, classes=("cat",)), write_images(root, classes=("dog",), n=1)),
          "dog: 1 image; the seeded 20% test split needs at least 2 per class"),
     ],
-    ids=["missing", "empty", "class-without-images", "corrupt-image", "one-class", "one-class-with-splits",
+    ids=["missing", "empty", "class-without-images", "class-of-corrupt-images", "one-class", "one-class-with-splits",
          "class-too-small-for-the-test-split"],
 )
 def test_bad_folders_give_one_line_errors(tmp_path, make, fragment):
@@ -200,3 +202,147 @@ def test_a_search_on_an_image_folder_logs_the_folder_as_its_datasets_source(tmp_
     for r in runs:
         sources = {json.loads(d.dataset.source)["uri"] for d in r.inputs.dataset_inputs}
         assert sources == {str(tmp_path / "pets")}, sources
+
+
+def write_sized(folder, sizes, cls="cat"):
+    """One RGB PNG per (width, height) in `sizes`, in `folder/<cls>/`."""
+    (folder / cls).mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(np.full((h, w, 3), i * 20, np.uint8), "RGB").save(folder / cls / f"s{i}.png")
+
+
+def test_the_loading_line_counts_splits_sizes_resizing_and_skipped_files(tmp_path, capsys):
+    """Images read per split, original sizes (most common, smallest, largest), what image_size
+    did, and the files skipped by reason, in one line; the same facts in the lineage."""
+    root = tmp_path / "photos"
+    write_images(root / "train", n=3, size=(20, 10))
+    write_sized(root / "train", [(30, 40), (8, 6)], cls="dog")
+    write_images(root / "validation", n=2, size=(20, 10))
+    write_images(root / "test", n=1, size=(16, 16))
+    (root / "train" / "cat" / "notes.txt").write_text("not a photo")
+    (root / "train" / "dog" / ".DS_Store").write_bytes(b"\0")
+    (root / "test" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    data = load_dataset(str(root), image_size=16)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("read "))
+    assert line == (f"read {root}: images read train/ 8, validation/ 4, test/ 2; original sizes 20x10 most common "
+                    "(10 of 14), smallest 8x6, largest 30x40; image_size=16: 12 of 14 resized to 16x16; skipped "
+                    "3 file(s): 2 not an image (train/cat/notes.txt, train/dog/.DS_Store), 1 unreadable "
+                    "(test/dog/broken.jpg)"), line
+    assert len(data.y_train) == 12 and len(data.test) == 2, "the broken test file is skipped, not an error"
+    facts = dict(data.lineage(data.x_train, data.y_train).facts)
+    assert facts["images_read"] == "train/ 8, validation/ 4, test/ 2"
+    assert facts["skipped"].startswith("3 file(s): 2 not an image") and facts["image_size"].startswith("16: 12 of 14")
+
+
+def test_a_native_size_folder_says_it_kept_the_size_and_skipped_nothing(tmp_path, capsys):
+    write_images(tmp_path / "train", n=2)
+    write_images(tmp_path / "test", n=1)
+    load_dataset(str(tmp_path))
+    out = capsys.readouterr().out
+    assert (f"read {tmp_path}: images read train/ 4, test/ 2; original sizes 12x12 most common (6 of 6), smallest "
+            "12x12, largest 12x12; image_size=0: native size kept, 12x12; skipped none") in out, out
+
+
+@pytest.mark.parametrize("folder", ["validation", "val", "valid"])
+def test_a_validation_folder_is_the_validation_split_and_the_refit_trains_on_it(tmp_path, folder, capsys):
+    """validation/, val/ or valid/ beside train/: its images are the one validation split
+    (no row of train/ split off, val_fraction unused), and they are training rows of the refit."""
+    from pipeline.train import validation_splits
+
+    write_images(tmp_path / "train", n=6)
+    write_images(tmp_path / folder, n=3, size=(12, 12))
+    write_images(tmp_path / "test", n=2)
+    data = load_dataset(str(tmp_path))
+    assert capsys.readouterr().out.count(f"loaded {tmp_path.name}: 12 train + 6 validation / 4 test images") == 1
+    assert len(data.y_train) == 18 and data.val_rows.tolist() == list(range(12, 18))
+    assert data.folders == {"training": "train/", "validation": f"{folder}/", "test": "test/"}
+    (split,) = validation_splits(data.x_train, data.y_train, 1, 0.5, 0, data.val_rows)
+    assert split.val_rows.tolist() == list(range(12, 18)) and split.train_rows.tolist() == list(range(12))
+    assert not data.test.opened
+
+
+def test_a_validation_folder_without_test_splits_the_test_off_train_only(tmp_path):
+    write_images(tmp_path / "train", n=10)
+    write_images(tmp_path / "val", n=2)
+    data = load_dataset(str(tmp_path))
+    assert len(data.test) == 4 and len(data.y_train) == 16 + 4 and len(data.val_rows) == 4
+    assert data.folders["test"] == "a seeded 20% of train/"
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda root: write_images(root / "validation", classes=("cat", "dog", "fox")),
+         "validation: class folder(s) ['fox'] not in "),
+        (lambda root: write_images(root / "val", classes=("cat",)), "val/dog: class folder missing or without images"),
+        (lambda root: (write_images(root / "val"), write_images(root / "valid")),
+         "several validation folders (val/, valid/); keep one"),
+    ],
+    ids=["extra-class", "missing-class", "two-validation-folders"],
+)
+def test_a_validation_folder_whose_classes_differ_is_a_one_line_error(tmp_path, make, fragment):
+    root = tmp_path / "images"
+    write_images(root / "train")
+    write_images(root / "test")
+    make(root)
+    with pytest.raises(PipelineError) as error:
+        load_dataset(str(root))
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def _inputs(run):
+    """{context: [rows, ...]} of a run's MLflow dataset inputs, and the tags of the first."""
+    found, tags = {}, {}
+    for d in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in d.tags}
+        profile = json.loads(d.dataset.profile)
+        found.setdefault(context["mlflow.data.context"], []).append(profile["features_shape"][0])
+        tags = tags or context
+    return found, tags
+
+
+def three_folders(tmp_path, validation: str):
+    """pets/ with train/ (6 images a class), `validation`/ (3) and test/ (2), 2 classes."""
+    root = tmp_path / "pets"
+    for folder, n in (("train", 6), (validation, 3), ("test", 2)):
+        write_images(root / folder, n=n)
+    return root
+
+
+def test_a_study_validates_on_the_validation_folder_and_refits_on_train_and_validation(tmp_path, settings, capsys):
+    """End to end: the trial trains on train/ and validates on validation/ (val_fraction would
+    split 0.5 of train/ off), the refit trains on both, the test opens only at the refit; the
+    start of the run says which folder serves what, and the lineage carries the read facts."""
+    import mlflow
+
+    from pipeline.cli import run
+
+    root = three_folders(tmp_path, "validation")
+    run("main", settings.replace(dataset=str(root), n_trials=1, epochs=1, val_fraction=0.5))
+    out = capsys.readouterr().out
+    assert ("splits: training <- train/ (12 images), validation <- validation/ (6; val_fraction unused), "
+            "test <- test/ (4, sealed until the refit)") in out, out
+    assert "on all 18 training images (train/ + validation/)" in out
+    runs = mlflow.search_runs(experiment_names=["test-experiment"], output_format="list")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    trial = next(r for r in runs if r is not parent)
+    inputs, tags = _inputs(trial)
+    assert inputs == {"training": [12], "validation": [6]}
+    assert tags["images_read"] == "train/ 12, validation/ 6, test/ 4" and tags["skipped"] == "none"
+    assert _inputs(parent)[0] == {"training": [18], "test": [4]}
+
+
+def test_cv_folds_with_a_validation_folder_draws_the_folds_from_train_and_validation_pooled(tmp_path, settings,
+                                                                                             capsys):
+    import mlflow
+
+    from pipeline.cli import run
+
+    root = three_folders(tmp_path, "val")
+    run("search", settings.replace(dataset=str(root), n_trials=1, epochs=1, cv_folds=3))
+    out = capsys.readouterr().out
+    assert "splits: cv_folds=3: folds of train/ and val/ pooled (18 images; val_fraction unused)" in out, out
+    (trial,) = [r for r in mlflow.search_runs(experiment_names=["test-experiment"], output_format="list")
+                if "mlflow.parentRunId" in r.data.tags]
+    inputs, _ = _inputs(trial)
+    assert inputs["validation"] == [6, 6, 6] and inputs["training"] == [12, 12, 12], "val/'s 6 images in the folds"
