@@ -4,6 +4,7 @@ the committed pages must be what the code gives now, and every setting and space
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 from conftest import ROOT
@@ -44,3 +45,14 @@ def test_a_space_key_without_a_meaning_stops_the_generator(monkeypatch):
     monkeypatch.setitem(space.TOP_SETTINGS, "new_key", (bool, lambda v: True, ""))
     with pytest.raises(SystemExit, match=r"undescribed \[\('top', 'new_key'\)\]"):
         gen.space_keys_page()
+
+
+def test_the_readmes_links_to_files_of_the_checkout_lead_to_files():
+    """README.md and bench/README.md are read on the repository's pages, not built by MkDocs:
+    a link from them to a page or file that is gone fails here."""
+    for readme in (ROOT / "README.md", ROOT / "bench" / "README.md"):
+        targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme.read_text())
+        local = [t for t in targets if "://" not in t]
+        assert local, readme
+        missing = [t for t in local if not (readme.parent / t).exists()]
+        assert not missing, f"{readme.relative_to(ROOT)} links to missing files: {missing}"
