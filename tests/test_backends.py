@@ -24,6 +24,7 @@ pytest.importorskip("jax", reason="the JAX backend is not installed (make test i
 WITHOUT_TF = os.pathsep.join([str(ROOT / "tests" / "without_tensorflow"), str(ROOT)])  # a PYTHONPATH
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_jax_without_tensorflow_searches_refits_registers_and_serves(tmp_path, tracking_uri, digits, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", WITHOUT_TF)  # every process below: no TensorFlow

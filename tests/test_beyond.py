@@ -177,6 +177,7 @@ def test_warm_start_enqueues_a_subset_of_the_baselines(settings):
     assert space.sample(study.ask()) == configs["toy_tuned"]
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_deadline_holds_across_two_workers(tmp_path, settings, digits, capsys):
     """Worker A (a process) sets the study-wide deadline; worker B (this process) joins later

@@ -166,6 +166,7 @@ def test_a_time_budgeted_main_stops_starting_evaluations_once_its_search_share_i
     assert 0 < outcome.metrics["test_accuracy"] <= 1
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_two_workers_share_rungs_on_one_journal_storage(tiny, tmp_path, digits):
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", workers=2, rungs="1,2", eta=2, n_trials=8)
@@ -207,6 +208,7 @@ def test_two_workers_share_rungs_on_one_journal_storage(tiny, tmp_path, digits):
     assert sorted(os.listdir(tmp_path / "worker-logs" / s.study)) == ["worker-0.log", "worker-1.log"]
 
 
+@pytest.mark.drill
 def test_a_killed_workers_rung_evaluation_is_retried(tiny, tmp_path, digits):
     s = tiny.replace(storage=f"journal://{tmp_path}/study.journal", rungs="1,300", eta=2, n_trials=3, patience=300)
     args = [sys.executable, "-m", "pipeline", *s.argv("search")]
@@ -320,6 +322,7 @@ def test_warm_starts_take_their_place_at_the_lowest_rung(tiny, digits):
     assert first.user_attrs[names.FIDELITY_EPOCHS] == 1 and first.state.name == "COMPLETE"
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_workers_under_a_budget_train_the_plans_capped_trials(tiny, tmp_path, digits, capsys):
     """Without rungs a budget caps a trial's epochs; the workers `workers=2` starts train that cap,

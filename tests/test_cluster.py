@@ -130,6 +130,7 @@ def wait_for_trial(s: Stack, pid: int, training: bool = True, timeout: float = 1
     raise AssertionError(f"worker {pid} did not start training in {timeout} s:\n{s.logs()[-3000:]}")
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_the_stack_survives_killed_workers_and_serves_the_refit_model(stack, tmp_path):
     s = stack

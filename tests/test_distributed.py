@@ -187,6 +187,7 @@ def wait_until_training(timeout=120, proc=None):
     raise AssertionError(f"no trial started training in time; the worker's log ends:\n{log}")
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 @pytest.mark.fresh_store  # the workers make the store's tables at once
 @pytest.mark.parametrize("storage", ["journal"], indirect=True)
@@ -218,6 +219,7 @@ def test_workers_share_one_study_within_the_global_budget(workers):
         assert run.data.tags["device"].endswith(f"; CUDA_VISIBLE_DEVICES={gpu_of_pid[pid]})"), run.data.tags["device"]
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_a_killed_worker_trial_is_failed_retried_and_its_run_closed(workers, storage, capsys):
     doomed = workers.start("--n-trials", "1", *SLOW)
@@ -253,6 +255,7 @@ def test_a_killed_worker_trial_is_failed_retried_and_its_run_closed(workers, sto
     assert runs[retried[0].number][0].info.status == "FINISHED"
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_kill_the_running_trial_and_the_study_resumes(sqlite_workers):
     """Ctrl-C stops a worker; a second one resumes the study (same parent run, next trial
@@ -371,6 +374,7 @@ def test_storage_urls_read_variables_from_the_environment_and_hide_passwords(tmp
     assert "someone:***@" in str(error.value) and "hunter2secret" not in str(error.value)
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_a_worker_killed_after_the_last_trial_was_handed_out_leaves_nothing_running(sqlite_workers, capsys):
     """Worker A takes trial 0 and is SIGKILLed; worker B then spends the rest of the budget

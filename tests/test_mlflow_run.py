@@ -14,6 +14,7 @@ from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
 
+@pytest.mark.drill
 @pytest.mark.parametrize("env_manager", ["local", pytest.param("uv", marks=pytest.mark.slow)])
 def test_mlflow_run(tmp_path, tracking_uri, env_manager):
     """`uv` builds an environment from conda.yaml's pip section (cached in ~/.mlflow/envs)."""
@@ -47,6 +48,7 @@ def test_mlflow_run(tmp_path, tracking_uri, env_manager):
     assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 @pytest.mark.fresh_store
 def test_mlflow_run_workers_start_together_on_a_fresh_store(tmp_path, tracking_uri):

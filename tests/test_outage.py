@@ -86,6 +86,7 @@ def relayed(postgres):  # noqa: F811
     relay.listener.close()
 
 
+@pytest.mark.drill
 def test_a_storage_call_rides_out_a_short_outage_and_says_so(relayed, capfd):
     url, _, password, relay = relayed
     storage = make_storage(url, heartbeat_interval=1, grace_period=12)  # waits up to 11 s
@@ -101,6 +102,7 @@ def test_a_storage_call_rides_out_a_short_outage_and_says_so(relayed, capfd):
     assert password not in err
 
 
+@pytest.mark.drill
 def test_a_longer_outage_ends_in_a_one_line_error_after_the_patience(relayed):
     url, _, password, relay = relayed
     storage = make_storage(url, heartbeat_interval=1, grace_period=4)  # waits up to 3 s
@@ -113,6 +115,7 @@ def test_a_longer_outage_ends_in_a_one_line_error_after_the_patience(relayed):
     assert "\n" not in str(e.value) and password not in str(e.value)
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_a_worker_fails_its_trial_cleanly_when_the_database_stays_away_and_the_study_resumes(
         relayed, tmp_path, tracking_uri, monkeypatch):
@@ -205,6 +208,7 @@ class Failing(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.drill
 @pytest.mark.parametrize("env", [{}, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}], ids=["derived", "user-set"])
 def test_a_worker_waits_for_a_failing_tracking_server_as_long_as_its_patience(tmp_path, env, monkeypatch, capsys):
     """grace_period 6 - heartbeat_interval 1: a patience of 5 s, so 2 retries of MLflow's client

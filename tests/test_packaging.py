@@ -40,7 +40,8 @@ def test_pyproject_pins_the_runtime_requirements_and_a_test_extra_the_rest():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["dependencies"] == runtime
     assert project["optional-dependencies"] == {"test": tooling}
-    assert {line.split("==")[0] for line in tooling} == {"pytest", "pytest-xdist", "ruff", "uv", "keras-tuner"}
+    assert {line.split("==")[0] for line in tooling} == {"pytest", "pytest-xdist", "ruff", "uv", "mkdocs", "mkdocs-material",
+                                                         "keras-tuner"}
     assert project["scripts"] == {"cnn-search": "pipeline.cli:command_line"}
     assert project["requires-python"] == ">=3.11"
 

@@ -153,6 +153,7 @@ def test_summary_names_states_best_trial_run_and_commands(store):
     assert "mlflow models serve -m models:/report-study/1 --env-manager local" in out
 
 
+@pytest.mark.drill
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_class_names(store):
     x, y = store["data"].test.x[:5], store["data"].test.y[:5]
