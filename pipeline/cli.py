@@ -99,7 +99,7 @@ def run(command: str, settings: Settings, data=None) -> dict:
         data = load_dataset(settings.dataset, settings.seed, settings.image_size)
     if command in (*SEARCHES, "baselines"):
         check_splittable(data, settings.cv_folds if command in SEARCHES else 1)
-    from pipeline.dataset_lines import imbalance_line, splits_line
+    from pipeline.data.lines import imbalance_line, splits_line
 
     for line in (splits_line(data, settings.replace(cv_folds=settings.cv_folds if command in SEARCHES else 1)),
                  imbalance_line(data, settings)):

@@ -121,7 +121,7 @@ def log_datasets(client: MlflowClient, run_id: str, inputs: list[tuple[Lineage, 
     """Log (dataset, context) pairs as the run's MLflow dataset inputs, in one round trip:
     name, digest and source, rows and image shape in the profile, classes as an input tag, and
     for an image folder what reading it met (`images_read`, `original_sizes`, `image_size`,
-    `skipped`: pipeline.reads) as input tags too.
+    `skipped`: pipeline.data.reads) as input tags too.
     Only this description is stored: no image leaves the process. A race with another worker
     logging the same dataset (a unique-key conflict in the store) is retried."""
     from mlflow.data.code_dataset_source import CodeDatasetSource

@@ -1,4 +1,6 @@
-"""Datasets: loaded once per process into uint8 arrays (N, H, W, C) with int labels.
+"""The data: datasets loaded once per process into uint8 arrays (N, H, W, C) with int labels (this
+module), what reading an image folder met (`reads`), and the lines that say so at a run's start
+(`lines`: the splits, imbalanced classes; imports `pipeline.config`, which nothing here below it does).
 
     load_dataset("digits")                     # embedded, offline: scikit-learn's 8x8 digits
     load_dataset("cifar10")                    # Keras' loader (downloads once, then its cache)
@@ -17,7 +19,7 @@ The test split is wrapped in `HeldOut`: nothing reads it until the refit calls `
 and `opened` records whether anyone did. A dataset read from files says what it reads (a
 progress bar for large image folders) and what it loaded; an image folder also says, in one
 line, the images read per split, their original sizes, what `image_size` did and the files
-skipped (pipeline.reads), facts its lineage carries too. `digest` fingerprints the content
+skipped (pipeline.data.reads), facts its lineage carries too. `digest` fingerprints the content
 of a split for MLflow's dataset lineage (pipeline.tracking.log_datasets).
 """
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.reads import NOT_AN_IMAGE, UNREADABLE, Reads
+from pipeline.data.reads import NOT_AN_IMAGE, UNREADABLE, Reads
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 VALIDATION_FOLDERS = ("validation", "val", "valid")  # a validation split beside train/, by the names in use
@@ -73,7 +75,7 @@ class Dataset:
     source: str = ""  # where the images come from: a built-in loader, a URL, or an absolute path
     val_rows: np.ndarray | None = field(default=None, repr=False)  # training rows read from a validation folder
     folders: dict = field(default_factory=dict)  # split -> the folder it was read from: {"training": "train/", ...}
-    facts: dict = field(default_factory=dict)  # what reading the folder met (pipeline.reads.Reads.facts)
+    facts: dict = field(default_factory=dict)  # what reading the folder met (pipeline.data.reads.Reads.facts)
 
     @property
     def input_shape(self) -> tuple:
