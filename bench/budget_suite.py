@@ -21,6 +21,7 @@ same planner, refit and test (`python -m pipeline main --time-budget B`, one pro
     python bench/budget_suite.py --datasets digits --budgets 40 --sides search,kerastuner  # plumbing
     python bench/budget_suite.py --dry-run                # print the commands, run nothing
     python bench/budget_suite.py --report                 # the table and the plot, from the records
+    python bench/budget_suite.py --datasets sample --budgets 600 --sides fixed-a93,fixed-a95  # cost-axis points
 
 The grid (issue 36): at 600 s every side on digits, sample and photos, seeds 42, 7, 3; at 1,800 s
 search, default and kerastuner on sample and photos, seeds 42, 7; at 3,600 s search and default on
@@ -89,6 +90,8 @@ DATASETS = {
     "cifar10": DataSet(str(DATA / "shared/data/cifar10-train"), SPACES / "airbench.yaml", kt_max_epochs=3),
 }
 SIDES = ("search", "default", "random", "kerastuner")
+FIXED = "fixed-"  # `fixed-<name>`: bench/cost_axis.yaml's configuration <name> trained for the whole budget
+COST_AXIS = ROOT / "bench" / "cost_axis.yaml"
 GRID = [  # (budget, data sets, sides, seeds)
     (600, ("digits", "sample", "photos"), SIDES, (42, 7, 3)),
     (1800, ("sample", "photos"), ("search", "default", "kerastuner"), (42, 7)),
@@ -124,8 +127,10 @@ def jobs(datasets=(), budgets=(), sides=(), seeds=()) -> list[Job]:
     """The grid's jobs that the filters allow (an empty filter allows all), in the order they run:
     per budget, data set and seed, the sides in SIDES' order. A budget outside the grid runs
     the data sets, sides and seeds asked for (digits, every side, seed 42 where not asked)."""
+    fixed = tuple(side for side in sides if side.startswith(FIXED))  # outside the grid: as asked
     grid = list(GRID) + [(b, datasets or ("digits",), sides or SIDES, seeds or (42,))
                          for b in budgets if b not in {g[0] for g in GRID}]
+    grid += [(b, datasets, fixed, seeds or (42,)) for b in budgets if fixed and b in {g[0] for g in GRID}]
     out = []
     for budget, data_sets, sides_, seeds_ in grid:
         if budgets and budget not in budgets:
@@ -153,6 +158,8 @@ def pipeline_command(job: Job, folder: Path, budget: int | None = None, warm_sta
         command += ["--sampler", "random"]
     elif job.side == "kerastuner":
         command += [*(["--warm-start", str(warm_start)] if warm_start else []), "--search-share", "0"]
+    elif job.side.startswith(FIXED):  # a cost-axis point trained for the whole budget, no search
+        command += ["--warm-start", str(COST_AXIS), "--only", job.side.removeprefix(FIXED), "--search-share", "0"]
     return command
 
 
@@ -556,7 +563,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=comma(str), default=(), help=f"comma list of {', '.join(DATASETS)}")
     parser.add_argument("--budgets", type=comma(int), default=(), help="comma list of seconds")
-    parser.add_argument("--sides", type=comma(str), default=(), help=f"comma list of {', '.join(SIDES)}")
+    parser.add_argument("--sides", type=comma(str), default=(), help=f"comma list of {', '.join(SIDES)}, or fixed-<name> "
+                        "(bench/cost_axis.yaml's configuration <name> trained for the whole budget)")
     parser.add_argument("--seeds", type=comma(int), default=(), help="comma list")
     parser.add_argument("--kt-share", type=float, default=0.5,
                         help="the kerastuner side's search share of the budget where no search record gives it")
@@ -565,7 +573,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the records (and the plot)")
     args = parser.parse_args(argv)
     set_results(args.results.resolve())
-    unknown = [x for x in args.datasets if x not in DATASETS] + [x for x in args.sides if x not in SIDES]
+    unknown = [x for x in args.datasets if x not in DATASETS] + [x for x in args.sides if x not in SIDES and not x.startswith(FIXED)]
     if unknown:
         parser.error(f"unknown data set or side: {', '.join(unknown)}")
     if not args.report:
