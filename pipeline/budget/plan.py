@@ -156,7 +156,7 @@ class Plan:
             why = (f"the budget pays for {self.runs:.1f} full runs of {FULL_RUN_EPOCHS} epochs of the default"
                    if self.runs is not None else "search_share")
             parts.append(f"search {self.share:.0%} of the time ({why})" if self.share else
-                         "no search (search_share=0): the default trains for the whole budget")
+                         "no search (search_share=0): the default (or the first warm start) trains for the whole budget")
         if self.search_until is not None and self.share != 0:
             parts.append(f"search until {time.strftime('%H:%M:%S UTC', time.gmtime(self.search_until))}")
         if self.rung_seconds:
