@@ -522,23 +522,29 @@ def draw(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datas = list(dict.fromkeys(r["data"] for r in rows))
-    fig, axes = plt.subplots(1, len(datas), figsize=(4.2 * len(datas), 3.6), squeeze=False)
+    sides = [*SIDES, *sorted({r["side"] for r in rows} - set(SIDES))]  # the cost-axis points last
+    colours = dict(zip(sides, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    fig, axes = plt.subplots(1, len(datas), figsize=(4.2 * len(datas), 3.8), squeeze=False)
     for ax, data in zip(axes[0], datas):
-        for side in SIDES:
+        for i, side in enumerate(sides):
             pts = sorted((r["budget"], r["acc"], r["acc_sd"]) for r in rows if r["data"] == data and r["side"] == side)
             if pts:
                 x, y, sd = zip(*pts)
-                ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=side)
+                shift = 1.02 ** (i - (len(sides) - 1) / 2)  # side by side at one budget, not on top of each other
+                ax.errorbar([b * shift for b in x], y, yerr=sd, marker="o" if side in SIDES else "x", capsize=3,
+                            label=side, color=colours[side], linestyle="-" if side in SIDES else ":")
         budgets = sorted({r["budget"] for r in rows if r["data"] == data})
         ax.set_xscale("log")
+        ax.set_xlim(min(budgets) / 1.15, max(budgets) * 1.15)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.minorticks_off()
         ax.set_title(data)
         ax.set_xlabel("budget (s)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (mean ± sd over seeds)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
