@@ -488,8 +488,11 @@ def summary(records: list[dict]) -> list[dict]:
         groups[r["data"], r["budget_s"], r["side"]].append(r)
     order = {name: i for i, name in enumerate(DATASETS)}
     rows = []
+    def side_order(side):  # the four sides first, then the cost-axis points by name
+        return (SIDES.index(side), "") if side in SIDES else (len(SIDES), side)
+
     for (data, budget, side), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0][1],
-                                                                          SIDES.index(g[0][2]))):
+                                                                          side_order(g[0][2]))):
         acc, acc_sd = mean_sd([r["test_accuracy"] for r in rs])
         rows.append({"data": data, "budget": budget, "side": side, "seeds": len(rs), "acc": acc, "acc_sd": acc_sd,
                      "configurations": mean_sd([r["configurations"] for r in rs])[0],
@@ -513,6 +516,39 @@ def report(records: list[dict], plot: Path | None = None) -> str:
         draw(rows, plot)
         lines.append(f"plot: {plot}")
     return "\n".join(lines)
+
+
+README = ROOT / "README.md"
+README_BLOCK = ("<!-- budget suite: written by `python bench/budget_suite.py --readme` from bench/results/budget/ -->",
+                "<!-- /budget suite -->")
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's table: per data set and budget, each side's test accuracy (mean ± sd over its
+    seeds), and the best cost-axis point trained for the whole budget."""
+    cells = collections.defaultdict(dict)
+    for r in rows:
+        value = f"{r['acc']:.4f}" + (f" ± {r['acc_sd']:.4f}" if r["seeds"] > 1 else "")
+        cells[r["data"], r["budget"]][r["side"]] = (r["acc"], f"{value} ({r['seeds']})")
+    lines = ["| data set | budget | the search | the default, unsearched | random search | KerasTuner's Hyperband "
+             "| best cost-axis point |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (data, budget), sides in cells.items():
+        fixed = max(((acc, f"{text}, {side.removeprefix(FIXED)}") for side, (acc, text) in sides.items()
+                     if side not in SIDES), default=(0, "–"))[1]
+        row = [sides[side][1] if side in sides else "–" for side in SIDES]
+        lines.append(f"| {data} ({DATASETS[data].space.name}) | {budget} s | {' | '.join(row)} | {fixed} |")
+    return "\n".join(lines)
+
+
+def readme_block(records: list[dict]) -> str:
+    """What stands between README_BLOCK's markers: the table of `records`, seeds in brackets."""
+    return "\n".join([README_BLOCK[0], readme_table(summary(records)), README_BLOCK[1]])
+
+
+def write_readme(records: list[dict]) -> None:
+    text = README.read_text()
+    start, end = text.index(README_BLOCK[0]), text.index(README_BLOCK[1]) + len(README_BLOCK[1])
+    README.write_text(text[:start] + readme_block(records) + text[end:])
 
 
 def draw(rows: list[dict], path: Path) -> None:
@@ -577,6 +613,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report", action="store_true", help="only the table and the plot, from the records")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the records (and the plot)")
+    parser.add_argument("--readme", action="store_true", help="with --report: also write the README's table")
     args = parser.parse_args(argv)
     set_results(args.results.resolve())
     unknown = [x for x in args.datasets if x not in DATASETS] + [x for x in args.sides if x not in SIDES and not x.startswith(FIXED)]
@@ -602,6 +639,8 @@ def main(argv=None) -> None:
         print(f"{len(todo)} jobs to run (recorded ones skipped)", flush=True)
         run_suite(todo, args.kt_share)
     print(report(load_records()))
+    if args.readme:
+        write_readme(load_records())
 
 
 if __name__ == "__main__":

@@ -56,3 +56,20 @@ def test_the_readmes_links_to_files_of_the_checkout_lead_to_files():
         assert local, readme
         missing = [t for t in local if not (readme.parent / t).exists()]
         assert not missing, f"{readme.relative_to(ROOT)} links to missing files: {missing}"
+
+
+def test_the_readmes_budget_figures_are_those_the_records_give():
+    """The README's table of the budget suite is rendered from bench/results/budget/'s records
+    (`python bench/budget_suite.py --report --readme`): a figure copied by hand, or a record added
+    without rendering, fails here."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import budget_suite
+
+    text = (ROOT / "README.md").read_text()
+    start, end = (text.index(marker) for marker in budget_suite.README_BLOCK)
+    shown = text[start:end + len(budget_suite.README_BLOCK[1])]
+    assert shown == budget_suite.readme_block(budget_suite.load_records()), \
+        "run: python bench/budget_suite.py --report --readme"
+    assert "| photos (photos.yaml) | 600 s |" in shown
