@@ -11,7 +11,6 @@ import keras_tuner
 import pytest
 from conftest import ROOT
 
-from pipeline.config import fields
 from pipeline.space import load_space
 from pipeline.warm_start import load_configurations
 
@@ -59,8 +58,7 @@ def test_hyperband_on_digits_gives_a_configuration_of_the_space_the_pipeline_tak
     assert list(configs.values()) == [space.complete(params)]
 
 
-@pytest.mark.skipif("search_share" not in {f[0] for f in fields()},
-                    reason="needs the pipeline's --search-share (issue 36, the lead's change)")
+@pytest.mark.slow
 def test_the_kerastuner_side_searches_until_its_share_then_refits_its_best(tmp_path, monkeypatch):
     monkeypatch.setattr(budget_suite, "RESULTS", tmp_path)
     job = budget_suite.Job("digits", 60, "kerastuner", 42)
