@@ -90,6 +90,10 @@ DATASETS = {
     "cifar10": DataSet(str(DATA / "shared/data/cifar10-train"), SPACES / "airbench.yaml", kt_max_epochs=3),
 }
 SIDES = ("search", "default", "random", "kerastuner")
+VARIANTS = {  # the search with one setting changed (issue 40: imbalanced classes)
+    "search-f1": ["--metric", "val_f1_macro"],
+    "search-balanced": ["--class-weight", "balanced"],
+}
 FIXED = "fixed-"  # `fixed-<name>`: bench/cost_axis.yaml's configuration <name> trained for the whole budget
 COST_AXIS = ROOT / "bench" / "cost_axis.yaml"
 GRID = [  # (budget, data sets, sides, seeds)
@@ -127,7 +131,7 @@ def jobs(datasets=(), budgets=(), sides=(), seeds=()) -> list[Job]:
     """The grid's jobs that the filters allow (an empty filter allows all), in the order they run:
     per budget, data set and seed, the sides in SIDES' order. A budget outside the grid runs
     the data sets, sides and seeds asked for (digits, every side, seed 42 where not asked)."""
-    fixed = tuple(side for side in sides if side.startswith(FIXED))  # outside the grid: as asked
+    fixed = tuple(side for side in sides if side.startswith(FIXED) or side in VARIANTS)  # outside the grid: as asked
     grid = list(GRID) + [(b, datasets or ("digits",), sides or SIDES, seeds or (42,))
                          for b in budgets if b not in {g[0] for g in GRID}]
     grid += [(b, datasets, fixed, seeds or (42,)) for b in budgets if fixed and b in {g[0] for g in GRID}]
@@ -158,6 +162,8 @@ def pipeline_command(job: Job, folder: Path, budget: int | None = None, warm_sta
         command += ["--sampler", "random"]
     elif job.side == "kerastuner":
         command += [*(["--warm-start", str(warm_start)] if warm_start else []), "--search-share", "0"]
+    elif job.side in VARIANTS:
+        command += VARIANTS[job.side]
     elif job.side.startswith(FIXED):  # a cost-axis point trained for the whole budget, no search
         command += ["--warm-start", str(COST_AXIS), "--only", job.side.removeprefix(FIXED), "--search-share", "0"]
     return command
@@ -488,7 +494,7 @@ def summary(records: list[dict]) -> list[dict]:
         groups[r["data"], r["budget_s"], r["side"]].append(r)
     order = {name: i for i, name in enumerate(DATASETS)}
     rows = []
-    def side_order(side):  # the four sides first, then the cost-axis points by name
+    def side_order(side):  # the four sides first, then the variants and the cost-axis points by name
         return (SIDES.index(side), "") if side in SIDES else (len(SIDES), side)
 
     for (data, budget, side), rs in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 99), g[0][1],
@@ -534,7 +540,7 @@ def readme_table(rows: list[dict]) -> str:
              "| best cost-axis point |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (data, budget), sides in cells.items():
         fixed = max(((acc, f"{text}, {side.removeprefix(FIXED)}") for side, (acc, text) in sides.items()
-                     if side not in SIDES), default=(0, "–"))[1]
+                     if side.startswith(FIXED)), default=(0, "–"))[1]
         row = [sides[side][1] if side in sides else "–" for side in SIDES]
         lines.append(f"| {data} ({DATASETS[data].space.name}) | {budget} s | {' | '.join(row)} | {fixed} |")
     return "\n".join(lines)
@@ -605,7 +611,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=comma(str), default=(), help=f"comma list of {', '.join(DATASETS)}")
     parser.add_argument("--budgets", type=comma(int), default=(), help="comma list of seconds")
-    parser.add_argument("--sides", type=comma(str), default=(), help=f"comma list of {', '.join(SIDES)}, or fixed-<name> "
+    parser.add_argument("--sides", type=comma(str), default=(),
+                        help=f"comma list of {', '.join((*SIDES, *VARIANTS))}, or fixed-<name> "
                         "(bench/cost_axis.yaml's configuration <name> trained for the whole budget)")
     parser.add_argument("--seeds", type=comma(int), default=(), help="comma list")
     parser.add_argument("--kt-share", type=float, default=0.5,
@@ -616,7 +623,8 @@ def main(argv=None) -> None:
     parser.add_argument("--readme", action="store_true", help="with --report: also write the README's table")
     args = parser.parse_args(argv)
     set_results(args.results.resolve())
-    unknown = [x for x in args.datasets if x not in DATASETS] + [x for x in args.sides if x not in SIDES and not x.startswith(FIXED)]
+    unknown = [x for x in args.datasets if x not in DATASETS] + [x for x in args.sides
+                                                                  if x not in (*SIDES, *VARIANTS) and not x.startswith(FIXED)]
     if unknown:
         parser.error(f"unknown data set or side: {', '.join(unknown)}")
     if not args.report:
