@@ -142,8 +142,18 @@ def jobs(datasets=(), budgets=(), sides=(), seeds=()) -> list[Job]:
         for data in data_sets:
             for seed in seeds_:
                 out += [Job(data, budget, side, seed) for side in sides_ if (not datasets or data in datasets)
-                        and (not sides or side in sides) and (not seeds or seed in seeds)]
+                        and (not sides or side in sides) and (not seeds or seed in seeds)
+                        and (not side.startswith(FIXED) or side.removeprefix(FIXED) in cost_axis(data))]
     return out
+
+
+def cost_axis(data: str) -> set[str]:
+    """The names of bench/cost_axis.yaml's configurations made for `data`'s space."""
+    import yaml
+
+    docs = yaml.safe_load_all(COST_AXIS.read_text())
+    return {name for doc in docs if Path(doc["search_space"]).name == DATASETS[data].space.name
+            for name in doc["configurations"]}
 
 
 def pipeline_command(job: Job, folder: Path, budget: int | None = None, warm_start: Path | None = None) -> list[str]:
