@@ -56,6 +56,10 @@ def _mean_over(values, present):
     return ops.sum(values * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
+SERIALIZABLE = keras.saving.register_keras_serializable(package="pipeline")  # a saved model loads with them
+
+
+@SERIALIZABLE
 class F1Macro(ConfusionScore):
     def __init__(self, n_classes: int, name: str = "f1_macro", **kwargs):
         super().__init__(n_classes, name, **kwargs)
@@ -65,6 +69,7 @@ class F1Macro(ConfusionScore):
         return _mean_over(f1, (labelled + predicted) > 0)
 
 
+@SERIALIZABLE
 class BalancedAccuracy(ConfusionScore):
     def __init__(self, n_classes: int, name: str = "balanced_accuracy", **kwargs):
         super().__init__(n_classes, name, **kwargs)

@@ -512,7 +512,7 @@ def test_weight_averaging_validates_keeps_and_returns_the_averaged_weights(tiny)
     split = validation_splits(x, y, 1, 0.25, 0)[0]
     keep = KeepModel()
     metrics = train(params, split, SHAPE, CLASSES, epochs=3, patience=3, callbacks=[keep])
-    _, accuracy = keep.model.evaluate(x[split.val_rows], y[split.val_rows], verbose=0)
+    accuracy = keep.model.evaluate(x[split.val_rows], y[split.val_rows], verbose=0, return_dict=True)["accuracy"]
     assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-6)
     averaged = fit_full(params, x, y, SHAPE, CLASSES, epochs=2, seed=0)
     last = fit_full({**BASE, "batch_size": 8}, x, y, SHAPE, CLASSES, epochs=2, seed=0)
