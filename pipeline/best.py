@@ -13,7 +13,7 @@ from __future__ import annotations
 import optuna
 
 from pipeline.budget.prior import Verdict, control_verdict
-from pipeline.budget.rungs import COMPLETE, best_rung, rung_of, study_rungs
+from pipeline.budget.rungs import COMPLETE, best_rung, is_control, rung_of, study_rungs
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
@@ -29,7 +29,9 @@ def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTr
     sign = 1 if settings.direction == "maximize" else -1
     if not settings.multi_objective and study_rungs(study)[0] and (top := best_rung(study)) is not None:
         verdict = verdict_of(study, settings)
-        if verdict is not None and verdict.rung == top:
+        above = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+                 if rung_of(t) > verdict.rung and not is_control(t)] if verdict is not None else []
+        if verdict is not None and not above:  # no challenger went further than the comparison
             return verdict.chosen
         trials = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if rung_of(t) == top]
         return max(trials, key=lambda t: (sign * t.values[0], -t.number))

@@ -87,12 +87,13 @@ def test_the_default_is_the_first_evaluation_of_every_rung(spaced, digits, capsy
     assert all(t.user_attrs[names.FIDELITY_VAL_ROWS] > 0 for t in trials)
 
 
-def _rung_study(values: dict, rows: int = 400):
-    """A study with rungs whose rung-1 evaluations score `values` ({"default": v, "a": v, ...})."""
-    study = optuna.create_study(direction="maximize")
-    study.set_user_attr(names.RUNGS, [1, 3])
+def _rung_study(values: dict, rows: int = 400, rung: int = 1, study=None):
+    """A study with rungs whose rung-`rung` evaluations score `values` ({"default": v, "a": v, ...})."""
+    if study is None:
+        study = optuna.create_study(direction="maximize")
+        study.set_user_attr(names.RUNGS, [1, 3])
     for name, value in values.items():
-        attrs = {names.RUNG: 1, names.FIDELITY_VAL_ROWS: rows, names.PARAMS: {"name": name},
+        attrs = {names.RUNG: rung, names.FIDELITY_VAL_ROWS: rows, names.PARAMS: {"name": name},
                  names.FIDELITY_SECONDS: 30.0}
         if name == "default":
             attrs[names.CONTROL] = True
@@ -111,6 +112,15 @@ def test_a_challenger_within_the_noise_does_not_replace_the_default(settings):
     assert verdict_of(ahead, settings).line() == "refit takes trial 1: it beats the default at rung 1 (30 s) by 5.0 points (noise 2.8)"
     # more validation rows, less noise: the same lead of 2 points is enough
     assert best_trial(_rung_study({"default": 0.80, "a": 0.82}, rows=10_000), settings).user_attrs[names.PARAMS] == {"name": "a"}
+    # the comparison is at the highest rung where the default and a challenger both are: the default
+    # promoted alone (no challenger's promotion had time) is compared at rung 0
+    low = _rung_study({"default": 0.40, "a": 0.50}, rung=0)
+    _rung_study({"default": 0.60}, rung=1, study=low)
+    assert best_trial(low, settings).user_attrs[names.PARAMS] == {"name": "a"}
+    assert verdict_of(low, settings).line().startswith("refit takes trial 1: it beats the default at rung 0 (30 s) by 10.0")
+    near = _rung_study({"default": 0.40, "a": 0.42}, rung=0)
+    _rung_study({"default": 0.60}, rung=1, study=near)
+    assert best_trial(near, settings).user_attrs[names.PARAMS] == {"name": "default"}
     # a loss is no share: any lead counts
     loss = settings.replace(metric="val_loss", direction="minimize")
     lower = optuna.create_study(direction="minimize")

@@ -16,7 +16,7 @@ default first and searches close to it. Here:
   with probability KEEP, else uniform), around the incumbent (the best evaluation of the rung the
   sampler learns from; PRIOR_WIDTH / 2), or as `base` proposes (TPE, random start-up first);
 - **verdict**: the refit takes a challenger only where it beats the default at the highest rung
-  both reached, at equal time, by more than `noise`: one standard error of the difference of two
+  where both have an evaluation, at equal time, by more than `noise`: one standard error of the difference of two
   accuracies on the validation rows, sqrt(2 p (1 - p) / n). Else the default;
 - **give back**: `default_holds` says when the top rung has the default and `eta` challengers
   and none beats it: the search then ends and its time goes to the refit.
@@ -87,14 +87,16 @@ class Verdict:
 
 
 def control_verdict(study: optuna.Study, sign: int, shares: bool = True) -> Verdict | None:
-    """The refit's choice between the default and its challengers (None: the study has no
-    complete evaluation of the default). `shares`: the metric is a share (an accuracy), whose
-    noise the challenger must beat; else any lead counts."""
+    """The refit's choice between the default and its challengers at the highest rung where both
+    have a complete evaluation (else the default's highest); None: the study has no complete
+    evaluation of the default. `shares`: the metric is a share (an accuracy), whose noise the
+    challenger must beat; else any lead counts."""
     done = study.get_trials(deepcopy=False, states=(COMPLETE,))
     defaults = [t for t in done if is_control(t)]
     if not defaults:
         return None
-    rung = max(rung_of(t) for t in defaults)
+    both = {rung_of(t) for t in defaults} & {rung_of(t) for t in done if not is_control(t)}
+    rung = max(both or {rung_of(t) for t in defaults})
     default = max((t for t in defaults if rung_of(t) == rung), key=lambda t: t.number)
     challengers = [t for t in done if rung_of(t) == rung and not is_control(t)]
     best = max(challengers, key=lambda t: (sign * t.values[0], -t.number), default=None)
