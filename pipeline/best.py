@@ -26,7 +26,7 @@ def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def best_trial(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTrial:
     """The trial to refit; a one-line error when there is none (or no Pareto trial meets `select`).
     In a study with rungs: the best evaluation of the highest rung reached."""
-    sign = 1 if settings.direction == "maximize" else -1
+    sign = settings.sign
     if not settings.multi_objective and study_rungs(study)[0] and (top := best_rung(study)) is not None:
         verdict = verdict_of(study, settings)
         above = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
@@ -60,7 +60,7 @@ def verdict_of(study: optuna.Study, settings: Settings) -> Verdict | None:
     evaluated). The noise counts for accuracy-like metrics only, not for a loss."""
     if settings.multi_objective or not study_rungs(study)[0]:
         return None
-    return control_verdict(study, 1 if settings.direction == "maximize" else -1, shares=settings.metric != "val_loss")
+    return control_verdict(study, settings.sign, shares=settings.metric != "val_loss")
 
 
 def best_or_none(study: optuna.Study, settings: Settings) -> optuna.trial.FrozenTrial | None:

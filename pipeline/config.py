@@ -182,6 +182,11 @@ class Settings:
         return [self.direction] + ["minimize"] * (len(self.objective_names) - 1)
 
     @property
+    def sign(self) -> int:
+        """1 where the metric is maximized, -1 where minimized: `sign * value` is larger when better."""
+        return 1 if self.direction == "maximize" else -1
+
+    @property
     def pruning(self) -> bool:
         """Optuna prunes single-objective studies only."""
         return self.pruner != "none" and not self.multi_objective

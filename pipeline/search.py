@@ -230,10 +230,6 @@ def _history(study: optuna.Study) -> list[tuple[int, float]]:
             for t in sorted(mine or done, key=lambda t: t.number)]
 
 
-def _sign(settings: Settings) -> int:
-    return 1 if settings.direction == "maximize" else -1
-
-
 def _no_time(study: optuna.Study, objective: Objective, until: float | None, cost: Cost | None) -> str | None:
     """Why the next evaluation should not start before `until` (None: it may): it could not
     finish by then, as far as this machine's evaluations so far (or the probe) tell. A study with
@@ -298,7 +294,7 @@ def run_search(study: optuna.Study, objective: Objective, settings: Settings, *,
                 if reason := _no_time(study, objective, until, cost):
                     bar.bar.write(f"search: {reason}; no more evaluations start")
                     break
-                if objective.seconds and default_holds(study, len(objective.rungs) - 1, eta, _sign(settings)):
+                if objective.seconds and default_holds(study, len(objective.rungs) - 1, eta, settings.sign):
                     bar.bar.write(f"search: the default leads the top rung against {eta} or more challengers; "
                                   "the search's remaining time goes to the refit")
                     break

@@ -141,7 +141,7 @@ def summary(study: optuna.Study, settings: Settings, parent_run_id: str, metrics
         lines.append(f"{label}: #{best.number} {settings.metric}={best.values[0]:.4f}{at(best)}")
         verdict = verdict_of(study, settings)
         if verdict is not None:
-            lines.append(verdict.line(1 if settings.direction == "maximize" else -1))
+            lines.append(verdict.line(settings.sign))
         params = best.user_attrs.get(names.PARAMS, best.params)
         lines.extend(f"  {k} = {v}" for k, v in params.items())
     for k, v in (metrics or {}).items():
