@@ -27,6 +27,7 @@ from pipeline.best import best_trial, front
 from pipeline.core import run_study
 from pipeline.space import load_space
 from pipeline.study import open_study
+from pipeline.search import DEADLINE_MARGIN
 from pipeline.warm_start import enqueue, load_configurations
 
 SEED_BEST = str(ROOT / "search_spaces" / "seed_best.yaml")
@@ -207,7 +208,12 @@ def test_deadline_holds_across_two_workers(tmp_path, settings, digits, capsys):
     assert len(trials) < 100
     assert all(t.datetime_start.timestamp() <= deadline for t in trials)
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), "no trial killed at the deadline"
-    assert max(t.datetime_complete.timestamp() for t in trials) > deadline, "trials running at it finished"
+    # A trial need not be running at the deadline: no trial starts in its last DEADLINE_MARGIN, and both
+    # workers' trials can end inside that window (seen once: the last ended 0.12 s before it). What holds:
+    # the workers kept starting trials until about one trial's length before it.
+    longest = max((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    last_start = max(t.datetime_start.timestamp() for t in trials)
+    assert last_start >= deadline - longest - DEADLINE_MARGIN - 2.0, "workers kept starting trials until the deadline"
 
 
 def test_dry_run_prints_each_models_parameter_count(settings, digits, capsys):
