@@ -93,14 +93,17 @@ def pipeline_env(folder: Path) -> dict:
 
 def machine() -> dict:
     """Where a figure comes from: the commit (`-dirty` with uncommitted changes to pipeline/ or
-    bench/), the CPU's model and the flags that change its speed at training (AVX-512 BF16,
-    AMX), its cores, and the load average."""
+    bench/), the CPU's model, family and model number (one model name covers several kinds), the
+    flags that change its speed at training (AVX-512 BF16, AMX), its cores, and the load average."""
     git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()  # noqa: E731
+                               if line.split(":", 1)[0].strip() == name), "?")
     return {"commit": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "pipeline", "bench") else ""),
-            "cpu": model, "cores": len(os.sched_getaffinity(0)), "avx512_bf16": "avx512_bf16" in flags,
+            "cpu": model, "cpu_kind": f"family {field('cpu family')}, model {field('model')}",
+            "cores": len(os.sched_getaffinity(0)), "avx512_bf16": "avx512_bf16" in flags,
             "amx": bool(flags & {"amx_bf16", "amx_tile", "amx_int8"}), "load": [round(x, 2) for x in os.getloadavg()]}
 
 
