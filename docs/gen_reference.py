@@ -41,6 +41,7 @@ SETTING_GUIDES = {
     "system_metrics": "../guides/mlflow-results.md",
     "threads": "../guides/backends.md#threads-and-batch-size", "batch_size": "../guides/backends.md#threads-and-batch-size",
     "backend": "../guides/backends.md", "mixed_precision": "../guides/backends.md#gpus",
+    "precision": "../guides/backends.md#precision-on-a-cpu",
 }
 
 # What each space key does: (section, key) -> meaning. Sections: "top" (the top level), "block"

@@ -22,6 +22,7 @@ METRICS = ("val_accuracy", "val_loss", "val_f1_macro", "val_balanced_accuracy") 
 BALANCED_METRICS = ("val_f1_macro", "val_balanced_accuracy")  # every class counts alike (maximized)
 CLASS_WEIGHTS = ("none", "balanced")  # the `class_weight` setting: Keras' loss weight per class
 BACKENDS = ("tensorflow", "jax", "torch")  # Keras 3's backends
+PRECISIONS = ("auto", "float32", "bfloat16")  # the `precision` setting (pipeline.device)
 SEARCHES = ("main", "search")  # the commands that search
 REFITS = ("main", "refit")  # the commands that refit and test
 SEED_SPACE = "search_spaces/seed.yaml"  # the default space: the tutorial's, for digits and CIFAR-10
@@ -76,6 +77,10 @@ class Settings:
     threads: int = _param(0, "intra-op threads of this worker, TensorFlow or PyTorch (0 = one per core)")
     batch_size: int = _param(0, "batch size for every trial and the refit, overriding the space's (0 = the space's)")
     mixed_precision: int = _param(0, "1 = train in mixed 16-bit precision: bfloat16 or float16, as the GPU suits (GPU only)")
+    # issue 37: the CPU's fast path
+    precision: str = _param("auto", "auto, float32 or bfloat16 (Keras' mixed_bfloat16: float32 weights, bfloat16 "
+                                    "compute, float32 output); auto = bfloat16 on a CPU that computes it natively "
+                                    "(AVX512-BF16 or AMX), else float32; on a GPU auto = mixed_precision's choice")
     # issue 15: what a user sees
     system_metrics: int = _param(0, "1 = log MLflow's system metrics (CPU, memory, GPU) for trial and refit runs")
     # issue 12: the refit is part of the hour
@@ -113,6 +118,9 @@ class Settings:
             (self.threads >= 0, "threads", "must be >= 0 (0 = one per core)"),
             (self.batch_size >= 0, "batch_size", "must be >= 0 (0 = the search space's)"),
             (self.mixed_precision in (0, 1), "mixed_precision", "must be 0 or 1"),
+            (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}"),
+            (not (self.mixed_precision and self.precision == "float32"), "precision",
+             "contradicts mixed_precision=1 (use auto)"),
             (self.system_metrics in (0, 1), "system_metrics", "must be 0 or 1"),
             (0.0 < self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1"),
             (self.pruner in PRUNERS, "pruner", f"must be one of {', '.join(PRUNERS)}"),

@@ -29,6 +29,7 @@ from pipeline.budget.prior import enqueue_default
 from pipeline.budget.rungs import check_rungs, fix_rungs, rung_seconds
 from pipeline.config import REFITS, SEARCHES, Settings
 from pipeline.data import Dataset
+from pipeline.device import dtype_policy
 from pipeline.errors import PipelineError
 from pipeline.pareto import log_front
 from pipeline.recover import settle
@@ -137,7 +138,8 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
                 params, cost = _planning_probe(command, study, space, {"fixed": fixed} if fixed else warm, data,
                                                train_rows, settings)
                 forwards = forward_images(params, len(data.test))
-            plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1], forward_images=forwards)
+            plan = make_plan(settings, command, started, cost, rows=rows[0], val_rows=rows[1], forward_images=forwards,
+                             precision=dtype_policy())
             print(plan.line(), flush=True)
             tracker.client.set_tag(tracker.parent_run_id, "plan", plan.line())
             log_metrics(tracker.client, tracker.parent_run_id, plan.metrics(time.time()))

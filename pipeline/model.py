@@ -16,8 +16,9 @@ training images (pipeline.train calls it before fitting). Convs and pools use "s
 padding, so every configuration builds for any input size (8x8 digits included): a pool
 never shrinks a side below 1 (only the whitening stem's k x k conv is "valid", k - 1
 pixels narrower; `pool_padding: valid` pools "valid" where a side is at least the pool).
-Under Keras' `mixed_float16` policy (pipeline/device.py) the layers compute in float16,
-the output layer stays float32, and `compile` adds loss scaling itself. Besides `accuracy`
+Under Keras' mixed policies (`mixed_bfloat16`, `mixed_float16`: pipeline/device.py) the layers
+compute in 16 bits, the output layer (logits and softmax) stays float32, so a saved model
+predicts float32 probabilities, and under float16 `compile` adds loss scaling itself. Besides `accuracy`
 the model reports `f1_macro` and `balanced_accuracy` each epoch (pipeline.class_metrics).
 """
 
@@ -434,7 +435,7 @@ def build_model(params: dict, input_shape: tuple, n_classes: int, total_steps: i
                          kernel_constraint=constraint)(x)
         if params.get("dense_dropout", 0.0) > 0:
             x = layers.Dropout(params["dense_dropout"])(x)
-    # float32 even under the mixed_float16 policy: a float16 softmax loses small probabilities
+    # float32 even under a mixed policy: a 16-bit softmax loses small probabilities, and the model predicts float32
     if head == "global_max":  # airbench's output layer: bias-free, its logits scaled by a constant
         x = layers.Dense(n_classes, use_bias=False, name="logits", dtype="float32")(x)
         x = layers.Rescaling(params.get("head_scale", HEAD_SCALE), name="logit_scale", dtype="float32")(x)

@@ -361,13 +361,23 @@ class EpochLines(keras.callbacks.Callback):
               flush=True)
 
 
+def clear_session() -> None:
+    """Keras' `clear_session` without its full garbage collection (see `fresh_start`), keeping
+    the global dtype policy, which it resets to float32: the process trains in the precision
+    pipeline.device set (from 6aa7629, 2026-12-01, to 2026-12-07 every fit trained in float32,
+    `mixed_precision=1` and bench/epoch_time.py's `--policy` included)."""
+    policy = keras.mixed_precision.global_policy()
+    keras.backend.clear_session(free_memory=False)
+    keras.mixed_precision.set_global_policy(policy)
+
+
 def fresh_start(seed: int) -> None:
     """Before a model is built: drop the state Keras keeps from earlier models in this process
     (`clear_session`; models already built stay usable), then seed. Without Keras' full garbage
     collection: in a process whose libraries are not frozen (pipeline.process; a test session,
     a notebook) it rescans half a million of their objects, 0.2 s a model; the search collects
     after each trial itself (Optuna's `gc_after_trial`, with those objects frozen)."""
-    keras.backend.clear_session(free_memory=False)
+    clear_session()
     keras.utils.set_random_seed(seed)
 
 

@@ -20,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# precision=auto trains in float32 on every machine kind, as on a CPU without bfloat16 (pipeline.device):
+# the suite's results and device tags do not depend on the CPU (PIPELINE_CPU_FLAGS=avx512_bf16 runs it in bfloat16)
+os.environ.setdefault("PIPELINE_CPU_FLAGS", "")
 
 from pipeline.config import Settings  # noqa: E402
 

@@ -3,7 +3,8 @@ the rungs of successive halving, all from what an epoch measurably costs on this
 
     plan = make_plan(settings, command, started, cost)     # cost: pipeline.budget.probe
     print(plan.line())
-    # time budget 3600 s: search until 10:52 UTC, refit 18 epochs ≈ 24 min, 62 s kept for the test and logging
+    # time budget 3600 s: search until 10:52 UTC, refit 18 epochs ≈ 24 min, 62 s kept for the test and logging,
+    # training in mixed_bfloat16
 
 The budget counts from the process's start (loading included) and ends at `started + time_budget`:
 - a reserve at the end for the test, the study report and logging: RESERVE_SECONDS + RESERVE_SHARE
@@ -149,6 +150,7 @@ class Plan:
     rung_seconds: tuple[float, ...] = ()  # equal-time rungs: seconds per rung
     share: float | None = None  # `main`: the search's share of the time after loading and the reserve
     runs: float | None = None  # `main`: the full runs of the probed configuration that time pays for
+    precision: str = ""  # the Keras dtype policy that trains, and so that the probe timed (pipeline.device)
 
     def line(self) -> str:
         parts = []
@@ -170,6 +172,8 @@ class Plan:
             parts.append(f"refit {self.refit_epochs} epochs ≈ {duration(self.refit_seconds)}")
         if self.reserve:
             parts.append(f"{duration(self.reserve)} kept for the test and logging")
+        if self.precision:
+            parts.append(f"training in {self.precision}")
         return f"time budget {self.budget} s: " + ", ".join(parts)
 
     def metrics(self, now: float) -> dict:
@@ -181,10 +185,11 @@ class Plan:
 
 
 def make_plan(settings: Settings, command: str, started: float, cost: Cost | None, *, rows: int, val_rows: int,
-              forward_images: int = 0, now: float | None = None) -> Plan:
+              forward_images: int = 0, now: float | None = None, precision: str = "") -> Plan:
     """The plan of `command` (main, search, refit) for a budget that started at `started`; `rows`
     and `val_rows`: the images a trial trains and validates on (the refit trains on both);
-    `forward_images`: the forward passes of the refit's test (`reserve`). `cost` (the probe) is
+    `forward_images`: the forward passes of the refit's test (`reserve`); `precision`: the dtype
+    policy that trains (and that the probe timed), named in the plan line. `cost` (the probe) is
     needed for a refit and for planned rungs; a `search` worker joining a study whose rungs are
     fixed goes without."""
     now = time.time() if now is None else now
@@ -222,7 +227,7 @@ def make_plan(settings: Settings, command: str, started: float, cost: Cost | Non
     if search_until is not None and cost is not None and not rungs and settings.rung_epochs in (None, []) and share != 0:
         trial_epochs = min(settings.epochs, trial_epochs_for(search_until - now, cost, rows, val_rows))
     return Plan(settings.time_budget, end, search_until, refit_epochs, refit_seconds, tuple(rungs), trial_epochs, kept,
-                tuple(seconds), share, runs)
+                tuple(seconds), share, runs, precision)
 
 
 def trial_epochs_for(search_seconds: float, cost: Cost, rows: int, val_rows: int) -> int:

@@ -8,6 +8,8 @@ per batch (their median), the rest the fixed cost of a fit (building, compiling,
 machine G (2026-12-01, one thread, the CIFAR-10 recipe's net) three probes said 38-45 s an
 epoch of 10,000 images and the epoch then took 46 s (bench/README.md). The model is thrown
 away. A few seconds on CIFAR-10-sized images; the digits data is small enough to run through.
+It trains in the process's dtype policy, which pipeline.device.configure set before (cli.run):
+the probe times the precision that trains (`precision`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import keras
 import numpy as np
 
 from pipeline.budget.plan import Cost
-from pipeline.train import Images, model_for
+from pipeline.train import Images, clear_session, model_for
 
 WARMUP, BATCHES = 3, 20  # batches untimed (tracing, caches), then timed
 
@@ -52,5 +54,5 @@ def probe(params: dict, x, y, rows, input_shape: tuple, n_classes: int, *, seed:
     batch = float(np.median(np.diff(ends[first:])))  # the median: a batch another process slowed counts little
     setup = max(0.0, ends[first] - start - (first + 1) * batch)
     del model
-    keras.backend.clear_session(free_memory=False)  # no full collection: see pipeline.train.fresh_start
+    clear_session()  # no full collection, the dtype policy kept: see pipeline.train
     return Cost(setup, batch, batch_size)
