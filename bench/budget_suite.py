@@ -97,9 +97,10 @@ DATASETS = {
     "sample-photos": DataSet(str(DATA / "shared/data/cifar10-sample"), SPACES / "photos.yaml"),
 }
 SIDES = ("search", "default", "random", "kerastuner")
-VARIANTS = {  # the search with one setting changed (issue 40: imbalanced classes)
+VARIANTS = {  # a side with one setting changed (issue 40: imbalanced classes; issue 37: precision)
     "search-f1": ["--metric", "val_f1_macro"],
     "search-balanced": ["--class-weight", "balanced"],
+    "default-float32": ["--search-share", "0", "--precision", "float32"],  # issue 37: what bfloat16 buys at equal time
 }
 FIXED = "fixed-"  # `fixed-<name>`: bench/cost_axis.yaml's configuration <name> trained for the whole budget
 COST_AXIS = ROOT / "bench" / "cost_axis.yaml"
@@ -351,12 +352,14 @@ class Suggest:
         return min(max(float(value), float(low)), float(high))
 
 
-def hypermodel(space, split, input_shape: tuple, n_classes: int, seed: int):
+def hypermodel(space, split, input_shape: tuple, n_classes: int, seed: int, policy: str = "float32"):
     """A KerasTuner HyperModel of `space` on the pipeline's model and data path: `build` is
     `model_for` (the schedule spanning the epochs Hyperband gives this run, the whitening stem
-    fitted to the training rows), `fit` trains on `split`'s training rows, reshuffled per epoch
-    and with the space's flips and weight averaging (`fit_callbacks`), and validates on its
-    validation rows."""
+    fitted to the training rows) under the dtype `policy` the pipeline would train in (KerasTuner
+    clears Keras' session before each build, which resets the policy to float32), `fit` trains on
+    `split`'s training rows, reshuffled per epoch and with the space's flips and weight averaging
+    (`fit_callbacks`), and validates on its validation rows."""
+    import keras
     import keras_tuner
 
     from pipeline.train import fit_callbacks, forget_custom_gradients, fresh_start, model_for
@@ -368,6 +371,7 @@ def hypermodel(space, split, input_shape: tuple, n_classes: int, seed: int):
         def build(self, hp):
             params = space.sample(Suggest(hp))
             epochs = hp.values.get("tuner/epochs", 1) - hp.values.get("tuner/initial_epoch", 0)
+            keras.mixed_precision.set_global_policy(policy)
             fresh_start(seed)
             return model_for(params, input_shape, n_classes, split.images, split.train_rows, max(1, epochs))
 
@@ -393,11 +397,13 @@ def kerastuner_search(data: str, seed: int, directory: Path, max_epochs: int | N
 
     from pipeline.config import Settings
     from pipeline.data import load_dataset
+    from pipeline.device import configure, dtype_policy
     from pipeline.space import load_space
     from pipeline.train import validation_splits
 
     d = DATASETS[data]
     settings = Settings(dataset=d.dataset, search_space=str(d.space), seed=seed, image_size=d.image_size)
+    print(f"device: {configure(settings)}", flush=True)  # the precision the pipeline's sides train in
     dataset = load_dataset(settings.dataset, settings.seed, settings.image_size)
     split = validation_splits(dataset.x_train, dataset.y_train, 1, settings.val_fraction, settings.seed)[0]
     space = load_space(settings.search_space)
@@ -407,7 +413,7 @@ def kerastuner_search(data: str, seed: int, directory: Path, max_epochs: int | N
             one (a TensorFlow backend's trial imports it unconditionally; not installed here)."""
 
     tuner = Hyperband(
-        hypermodel(space, split, dataset.input_shape, dataset.n_classes, seed), objective="val_accuracy",
+        hypermodel(space, split, dataset.input_shape, dataset.n_classes, seed, dtype_policy()), objective="val_accuracy",
         max_epochs=max_epochs or d.kt_max_epochs, factor=3, hyperband_iterations=iterations, seed=seed,
         directory=str(directory), project_name=KT_PROJECT, overwrite=True)
     tuner.search(verbose=1)
