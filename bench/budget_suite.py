@@ -206,6 +206,7 @@ def run_job(job: Job, core: int | None, kt_share: float) -> dict:
     """Run one job in a fresh folder; its record (also written to disk). Raises Crashed."""
     shutil.rmtree(job.folder, ignore_errors=True)  # a crashed earlier try's study must not resume
     job.folder.mkdir(parents=True)
+    here().mkdir(parents=True, exist_ok=True)
     log_path = here() / f"{job.key}.log"
     before = machine()
     started = time.time()
