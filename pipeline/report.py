@@ -10,7 +10,8 @@ cannot support yet (no complete trial, importances from fewer than two complete 
 without a varying parameter, no intermediate values) is skipped with a note, not an error.
 `trials.csv` lists every trial: number, state, value, params, duration, and in a study with
 rungs each evaluation's `rung`, `fidelity_epochs`, `fidelity_rows` and `promoted_from`; such a
-study also gets `rungs.png` (scores by rung, promotions joined).
+study also gets `rungs.png` (scores by rung, promotions joined). `timeline_png` draws a finished
+time-budgeted run's phases and evaluations against its seconds, from its records (docs/pictures.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 import optuna.visualization as plotly_vis  # noqa: E402
@@ -144,6 +147,73 @@ def rungs_png(study: optuna.Study, path: Path) -> Path | None:
     ax.set_xlabel("epochs of the evaluation (rung)")
     ax.set_ylabel(study.user_attrs.get("metric", "objective"))
     ax.set_title(f"Successive halving: {len(done)} evaluations, lines join a configuration's rungs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+STATE_COLOURS = {"COMPLETE": "tab:green", "PRUNED": "tab:orange", "FAIL": "tab:red"}
+
+
+def timeline_png(study: optuna.Study, client, run_id: str, path: Path) -> Path | None:
+    """Where a time-budgeted run's wall time went, from the records it left: its phases as bars
+    against the seconds since the budget started, and each evaluation of the search as a bar from
+    its start to its end on its rung's row, coloured by state. None for a run without a plan.
+
+    The parent run `run_id` gives the phases: the budget's start (`plan_budget_end` less
+    `plan_budget_seconds`, else the run's start), its own start (after loading), the plan's metrics
+    (logged once probed and planned), the refit (`refit_seconds` up to its last `train_loss`
+    epoch), the test (up to `refit_seconds`' logging) and the logging (up to the run's end); the
+    study gives the evaluations (Optuna's start and completion times, their `rung`). What the
+    search leaves before the refit starts (the study report, the refit's probe) has its own bar."""
+    run = client.get_run(run_id)
+    metrics = run.data.metrics
+    if "plan_budget_seconds" not in metrics:
+        return None
+
+    def logged(key: str) -> float | None:  # epoch seconds at which `key` was last logged
+        history = client.get_metric_history(run_id, key)
+        return max(m.timestamp for m in history) / 1000 if history else None
+
+    budget, begun = metrics["plan_budget_seconds"], run.info.start_time / 1000
+    zero = metrics.get("plan_budget_end", begun + budget) - budget
+    ended = run.info.end_time / 1000 if run.info.end_time else time.time()
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
+    planned = logged("plan_budget_seconds") or begun
+    searched = max((t.datetime_complete.timestamp() for t in trials), default=planned)
+    fitted, tested = logged("train_loss"), logged("refit_seconds")
+    phases = [("start-up, load", zero, begun), ("probe, plan", begun, planned), ("search", planned, searched)]
+    rows = sorted({t.user_attrs.get(names.RUNG, -1) for t in trials})
+    if fitted and tested and "refit_seconds" in metrics:
+        refit = fitted - metrics["refit_seconds"]
+        phases += [("report, refit plan", searched, refit), ("refit", refit, fitted), ("test", fitted, tested),
+                   ("logging", tested, ended)]
+    labels = [p[0] for p in phases[:3]] + [f"rung {r}" if r >= 0 else "trials" for r in rows] + [p[0] for p in phases[3:]]
+    at = {label: i for i, label in enumerate(labels)}
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 2))
+    for label, start, end in phases:
+        end = max(start, end)
+        ax.barh(at[label], end - start, left=start - zero, color="tab:blue", height=0.6)
+        ax.annotate(f"{end - start:.0f} s", (end - zero, at[label]), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    for t in trials:
+        row = at[f"rung {t.user_attrs[names.RUNG]}" if names.RUNG in t.user_attrs else "trials"]
+        start = t.datetime_start.timestamp() - zero
+        ax.barh(row, t.datetime_complete.timestamp() - zero - start, left=start, height=0.6, edgecolor="white",
+                linewidth=0.5, color=STATE_COLOURS.get(t.state.name, "tab:gray"))
+    if metrics.get("plan_search_until"):
+        ax.axvline(metrics["plan_search_until"] - zero, color="tab:gray", linestyle="--", label="the plan's search until")
+    ax.axvline(budget, color="tab:red", label=f"budget end ({budget:.0f} s)")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Patch(color=STATE_COLOURS.get(state, "tab:gray"), label=f"evaluation {state.lower()}")
+                for state in sorted({t.state.name for t in trials})]
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(budget, ended - zero) * 1.04)
+    ax.set_xlabel("seconds since the budget started (the process's start)")
+    ax.set_title(f"Time line of a {budget:.0f} s budget: {len(trials)} evaluations, {ended - zero:.0f} s in all")
+    ax.legend(handles=handles, loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

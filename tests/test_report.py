@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import Settings
-from pipeline.report import STUDY_PLOTS, study_plots, trials_table
+from pipeline.report import STUDY_PLOTS, study_plots, timeline_png, trials_table
 from pipeline import names
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -218,3 +218,37 @@ def test_trials_table_of_an_empty_study_and_of_a_running_trial(tmp_path):
     with open(trials_table(study, tmp_path / "two.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["state"], r["value"], r["duration"] == "") for r in rows] == [("COMPLETE", "0.3", False), ("RUNNING", "", True)]
+
+
+def test_timeline_of_a_budgeted_run_draws_its_phases_and_evaluations_from_its_records(tmp_path, tracking_uri):
+    """Records as a budgeted `main` leaves them: the parent's plan metrics, its refit's epochs and
+    timings, and a study of evaluations at two rungs, one pruned; a run without a plan has none."""
+    import time
+
+    from pipeline.tracking import log_metrics
+
+    client = MlflowClient()
+    experiment = client.create_experiment("timeline")
+    run_id, started = client.create_run(experiment).info.run_id, time.time()
+    log_metrics(client, run_id, {"plan_budget_seconds": 60, "plan_budget_end": started + 58,
+                                 "plan_search_until": started + 20})
+    study = optuna.create_study(direction="maximize")
+
+    def objective(trial):
+        trial.set_user_attr(names.RUNG, trial.number // 3)
+        if trial.number == 1:
+            raise optuna.TrialPruned()
+        return trial.suggest_float("x", 0, 1)
+
+    study.optimize(objective, n_trials=5)
+    for epoch in range(2):
+        client.log_metric(run_id, "train_loss", 1.0 / (epoch + 1), step=epoch)
+    log_metrics(client, run_id, {"refit_seconds": 0.2, "test_seconds": 0.1})
+    client.set_terminated(run_id)
+
+    png = timeline_png(study, client, run_id, tmp_path / "timeline.png")
+    with Image.open(png) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] >= 800
+    assert timeline_png(study, client, client.create_run(experiment).info.run_id, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -177,9 +177,11 @@ class Plan:
         return f"time budget {self.budget} s: " + ", ".join(parts)
 
     def metrics(self, now: float) -> dict:
-        """The plan as numbers for the parent run (beside the tag `plan`, the line)."""
+        """The plan as numbers for the parent run (beside the tag `plan`, the line); the epoch
+        seconds `plan_budget_end` less `plan_budget_seconds` is when the budget started (the
+        process's start: a time line of the run, pipeline.report.timeline_png, begins there)."""
         shares = {} if self.share is None else {"plan_search_share": self.share}
-        return {"plan_budget_seconds": self.budget, "plan_refit_epochs": self.refit_epochs,
+        return {"plan_budget_seconds": self.budget, "plan_budget_end": self.end, "plan_refit_epochs": self.refit_epochs,
                 "plan_search_seconds": max(0.0, (self.search_until or now) - now),
                 "plan_search_until": self.search_until or 0.0, **shares}
 
