@@ -40,7 +40,7 @@ def worker_settings(settings: Settings, until: float | None, now: float | None =
     # a worker's budget ends at `until`: its search ends its reserve earlier, which its report and
     # exit take, so that this process's refit starts on time
     budget = max(1, int(until - now)) if until is not None else 0
-    return settings.replace(workers=1, threads=threads, warm_start="", only="", time_budget=budget)
+    return settings.replace(workers=1, threads=threads, warm_start="", only="", time_budget=budget, cluster="")
 
 
 def run_workers(study: optuna.Study, settings: Settings, until: float | None) -> list[int]:
@@ -50,9 +50,7 @@ def run_workers(study: optuna.Study, settings: Settings, until: float | None) ->
     folder.mkdir(parents=True, exist_ok=True)
     print(f"workers: {settings.workers} processes x {child.threads} thread(s) on study {study.study_name!r}; "
           f"logs in {folder}/", flush=True)
-    # the workers import this very package, wherever the command was started from
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = process.worker_environment()
     procs, logs = [], []
     for i in range(settings.workers):
         log = folder / f"worker-{i}.log"
