@@ -34,7 +34,8 @@ LOGS = Path("worker-logs")
 
 
 def worker_settings(settings: Settings, until: float | None, now: float | None = None) -> Settings:
-    """What each worker runs: one process, its share of the cores, the budget that ends at `until`."""
+    """What each worker runs: one process (no cluster of its own), its share of the cores, the budget
+    that ends at `until`."""
     now = time.time() if now is None else now
     threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
     # a worker's budget ends at `until`: its search ends its reserve earlier, which its report and
