@@ -34,6 +34,7 @@ SETTING_GUIDES = {
     "rungs": "../guides/time-budget.md#successive-halving", "eta": "../guides/time-budget.md#successive-halving",
     "refit_epochs": "../guides/time-budget.md",
     "storage": "../guides/workers.md#storages", "workers": "../guides/workers.md#workers-on-one-machine",
+    "cluster": "../guides/workers.md#a-dask-cluster",
     "heartbeat_interval": "../guides/resume.md", "grace_period": "../guides/resume.md",
     "study_name": "../guides/resume.md",
     "objectives": "../guides/mlflow-results.md#several-objectives", "select": "../guides/mlflow-results.md#several-objectives",

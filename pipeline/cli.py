@@ -82,11 +82,15 @@ def run(command: str, settings: Settings, data=None) -> dict:
         wait_for_server(uri)  # NeverAnswered within START_PATIENCE s, before anything is made
     if data is None and command != "recover":
         check_dataset_name(settings.dataset)  # before the backend's import, which takes seconds
+    if command in SEARCHES and settings.cluster:  # distributed is imported only here
+        from pipeline.cluster.submit import reach
+
+        reach(settings.cluster)
     quiet_console()
     log_retries()
-    # before the backend runs anything (resizing images does); with `workers`, `threads` counts per
-    # worker, and this process (the probe, `main`'s refit) keeps every core
-    set_threads(settings.threads if settings.workers <= 1 else 0)
+    # before the backend runs anything (resizing images does); with `workers` or `cluster`, `threads`
+    # counts per worker, and this process (the probe, `main`'s refit) keeps every core
+    set_threads(settings.threads if settings.workers <= 1 and not settings.cluster else 0)
     if command == "recover":
         process.libraries_loaded()
         return _recover(settings, space)

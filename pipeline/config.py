@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
@@ -27,6 +28,15 @@ SEARCHES = ("main", "search")  # the commands that search
 REFITS = ("main", "refit")  # the commands that refit and test
 SEED_SPACE = "search_spaces/seed.yaml"  # the default space: the tutorial's, for digits and CIFAR-10
 FOLDER_SPACE = "search_spaces/photos.yaml"  # the default space of an image folder: a user's own photos
+CLUSTER_ADDRESS = re.compile(r"(tcp|tls|ws|wss|ucx)://[^\s/]+")  # a Dask scheduler's (the `cluster` setting)
+
+
+def shared_storage(storage: str) -> bool:
+    """Whether a cluster's workers can share the study in `storage`: a database server's, or a journal
+    file by its absolute path (a cluster on one machine: a journal's dead workers are found by their
+    pid on this host, pipeline.recover); not a SQLite file (locked whole on every write) or a path
+    relative to each worker's folder."""
+    return os.path.expandvars(storage).startswith(("postgresql", "mysql", "journal:///"))
 
 
 def _param(default, help):
@@ -98,7 +108,12 @@ class Settings:
                                        "auto = from how many full runs of the space's default the budget pays for; "
                                        "0 = no search, the default (or first warm start) trained for the whole budget")
     workers: int = _param(1, "worker processes on this machine sharing the study (main, search); "
-                             "threads then counts per worker (0 = the cores split between them)")
+                             "threads then counts per worker (0 = the cores split between them); with cluster, "
+                             "tasks on that cluster")
+    # issue 38: workers on a cluster
+    cluster: str = _param("", "Dask scheduler address, e.g. tcp://host:8786 (main, search): the `workers` search "
+                              "workers run as tasks on that cluster, each taking `threads` cores (0 = 1) as the Dask "
+                              "resource `cores`; storage must be a database every Dask worker reaches")
     # issue 40: a user's image folders as they come
     class_weight: str = _param("none", "none or balanced: weigh each class's loss by n / (classes x its count) "
                                        "in every fit, the trials' and the refit's (for imbalanced classes)")
@@ -141,6 +156,12 @@ class Settings:
             (self.time_budget >= 0, "time_budget", "must be >= 0 seconds (0 = no budget)"),
             (self.eta >= 2, "eta", "must be >= 2"),
             (self.workers >= 1, "workers", "must be >= 1"),
+            (not self.cluster or bool(CLUSTER_ADDRESS.fullmatch(self.cluster)), "cluster",
+             "expected a Dask scheduler address such as tcp://host:8786"),
+            (not self.cluster or shared_storage(self.storage), "storage",
+             "serves this machine alone (a SQLite file or a relative path): with cluster, pass --storage "
+             "postgresql://user@host:5432/db that every Dask worker reaches (or mysql://..., or journal:///abs/path "
+             "for a cluster on this one machine)"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -6,13 +6,13 @@ scripts call:
 join (or create) the study, enqueue warm-start configurations, find or make its MLflow
 parent run, fix the study's rungs (successive halving, pipeline.budget.rungs) and, under a
 `time_budget`, plan the run from a timed probe (pipeline.budget.plan: the plan's line is printed
-and tagged `plan` on the parent), search (`main`, `search`: in this process, or in `workers`
-processes), log the Pareto front (multi-objective studies), the study report (plots, trials
-table), refit and test (`main`, `refit`; under a budget the refit's epochs are planned again
-from a probe of the configuration it refits and the time left), print the summary (with the
-wall seconds of this process's search, `search_seconds`, and the refit's phases) and rewrite
-the parent run's description; then end this process's runs: FINISHED, FAILED on an error,
-KILLED on Ctrl-C/SIGTERM.
+and tagged `plan` on the parent), search (`main`, `search`: in this process, in `workers`
+processes, or as `workers` tasks on the Dask `cluster`: pipeline.cluster), log the Pareto front
+(multi-objective studies), the study report (plots, trials table), refit and test (`main`,
+`refit`; under a budget the refit's epochs are planned again from a probe of the configuration
+it refits and the time left), print the summary (with the wall seconds of this process's
+search, `search_seconds`, and the refit's phases) and rewrite the parent run's description;
+then end this process's runs: FINISHED, FAILED on an error, KILLED on Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
@@ -158,7 +158,12 @@ def run_study(command: str, settings: Settings, data: Dataset, space: SearchSpac
                 set_startup(study, int(study.user_attrs[names.TPE_STARTUP]))
             until = plan.search_until if plan else None
             start = time.perf_counter()
-            if settings.workers > 1:
+            if settings.cluster:  # the workers as tasks on a Dask cluster
+                from pipeline.cluster.submit import run_tasks
+
+                run_tasks(study, objective.settings, until)
+                settle(study, tracker.client, tracker.experiment_id, settings)  # a task lost for good leaves none RUNNING
+            elif settings.workers > 1:
                 from pipeline.budget.workers import run_workers
 
                 run_workers(study, objective.settings, until)  # with the plan's cap on a trial's epochs

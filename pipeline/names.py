@@ -20,6 +20,7 @@ WARM_START = "warm_start"  # name of the warm-start configuration the trial was 
 MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow run
 FAIL_REASON = "fail_reason"  # why the trial failed (Ctrl-C, SIGTERM)
 WORKER_HOST, WORKER_PID = "worker_host", "worker_pid"  # the process that runs the trial
+DASK_WORKER = "dask_worker"  # cluster=...: the address of the Dask worker whose task runs the trial
 RUNG = "rung"  # successive halving: the rung of an evaluation (0 = sampled; absent in a study without rungs)
 PROMOTED_FROM = "promoted_from"  # the trial number whose configuration this evaluation trains again, one rung up
 FIDELITY_EPOCHS, FIDELITY_ROWS = "fidelity_epochs", "fidelity_rows"  # what an evaluation trains: epochs, rows
@@ -28,6 +29,9 @@ FIDELITY_SECONDS = "fidelity_seconds"  # equal-time rungs: the seconds an evalua
 FIDELITY_VAL_ROWS = "fidelity_val_rows"  # the validation images an evaluation was scored on (the noise)
 CONTROL = "control"  # true on the evaluations of the space's default configuration (the control)
 COST_KEY = "cost_key"  # what an evaluation's epoch cost is known by (pipeline.budget.plan.cost_key)
+
+# The environment variable through which a cluster's task tells its search worker the Dask worker's address
+DASK_WORKER_ENV = "PIPELINE_DASK_WORKER"
 
 # Study user attributes
 PARENT_RUN = "mlflow_parent_run_id"  # the study's MLflow parent run

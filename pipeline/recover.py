@@ -36,9 +36,12 @@ RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 
 
 def mark_owner(trial: optuna.Trial) -> None:
-    """Record which process runs the trial, so a journal study can tell when it died."""
+    """Record which process runs the trial, so a journal study can tell when it died, and on a
+    cluster the Dask worker whose task started that process."""
     trial.set_user_attr(names.WORKER_HOST, HOST)
     trial.set_user_attr(names.WORKER_PID, os.getpid())
+    if dask_worker := os.environ.get(names.DASK_WORKER_ENV):
+        trial.set_user_attr(names.DASK_WORKER, dask_worker)
 
 
 def _alive(pid: int) -> bool:

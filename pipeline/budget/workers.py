@@ -24,23 +24,24 @@ from pathlib import Path
 
 import optuna
 
+from pipeline import process
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 from pipeline.terminal import progress_bar
 
 POLL = 2.0  # seconds between looks at the study while the workers run
-STOP_WAIT = 60  # seconds signalled workers get to fail their trials and exit
 LOGS = Path("worker-logs")
 
 
 def worker_settings(settings: Settings, until: float | None, now: float | None = None) -> Settings:
-    """What each worker runs: one process, its share of the cores, the budget that ends at `until`."""
+    """What each worker runs: one process (no cluster of its own), its share of the cores, the budget
+    that ends at `until`."""
     now = time.time() if now is None else now
     threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
     # a worker's budget ends at `until`: its search ends its reserve earlier, which its report and
     # exit take, so that this process's refit starts on time
     budget = max(1, int(until - now)) if until is not None else 0
-    return settings.replace(workers=1, threads=threads, warm_start="", only="", time_budget=budget)
+    return settings.replace(workers=1, threads=threads, warm_start="", only="", time_budget=budget, cluster="")
 
 
 def run_workers(study: optuna.Study, settings: Settings, until: float | None) -> list[int]:
@@ -50,9 +51,7 @@ def run_workers(study: optuna.Study, settings: Settings, until: float | None) ->
     folder.mkdir(parents=True, exist_ok=True)
     print(f"workers: {settings.workers} processes x {child.threads} thread(s) on study {study.study_name!r}; "
           f"logs in {folder}/", flush=True)
-    # the workers import this very package, wherever the command was started from
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = process.worker_environment()
     procs, logs = [], []
     for i in range(settings.workers):
         log = folder / f"worker-{i}.log"
@@ -60,14 +59,8 @@ def run_workers(study: optuna.Study, settings: Settings, until: float | None) ->
             procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *child.argv("search")],
                                           stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
         logs.append(log)
-    try:
-        with progress_bar(study, settings, until) as bar:
-            while any(p.poll() is None for p in procs):
-                time.sleep(POLL)
-                bar(study, None)
-    except BaseException as e:  # Ctrl-C, SIGTERM, or this process failing (its output closed): no worker left behind
-        _stop(procs, signal.SIGINT if isinstance(e, KeyboardInterrupt) and str(e) != "SIGTERM" else signal.SIGTERM)
-        raise
+    follow(study, settings, until, lambda: any(p.poll() is None for p in procs),
+           lambda e: process.stop(procs, _passed_on(e)))
     codes = [p.returncode for p in procs]
     for i, code in enumerate(codes):
         if code:
@@ -78,13 +71,19 @@ def run_workers(study: optuna.Study, settings: Settings, until: float | None) ->
     return codes
 
 
-def _stop(procs, sig) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(sig)
-    deadline = time.monotonic() + STOP_WAIT
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
+def follow(study: optuna.Study, settings: Settings, until: float | None, running, stop) -> None:
+    """Show the study's progress bar while `running()`; where Ctrl-C, SIGTERM or this process failing
+    (its output closed) ends the wait, `stop(exception)` first, so that no worker is left behind."""
+    try:
+        with progress_bar(study, settings, until) as bar:
+            while running():
+                time.sleep(POLL)
+                bar(study, None)
+    except BaseException as e:
+        stop(e)
+        raise
+
+
+def _passed_on(e: BaseException) -> int:
+    """The signal the workers get where `e` ended the wait: SIGINT for Ctrl-C, else SIGTERM."""
+    return signal.SIGINT if isinstance(e, KeyboardInterrupt) and str(e) != "SIGTERM" else signal.SIGTERM
