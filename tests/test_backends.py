@@ -42,7 +42,7 @@ def test_jax_without_tensorflow_searches_refits_registers_and_serves(tmp_path, t
     trials = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("trial-")]
     assert parent.data.params["keras_backend"] == "jax" and len(trials) == 2
     for r in (parent, *trials):
-        assert r.data.tags["device"].startswith("CPU (") and r.data.tags["device"].endswith(", float32, jax)")
+        assert r.data.tags["device"].startswith("CPU (") and r.data.tags["device"].endswith(", float32 (auto: no bfloat16 flag), jax)")
     assert parent.data.metrics["test_accuracy"] > 0.5
 
     # served by `mlflow models serve` in a process without TensorFlow: it loads on JAX

@@ -42,8 +42,8 @@ def test_bfloat16_trains_and_the_served_model_predicts_float32(tracking_uri, dig
     x = digits.x_train[:4]
     here = served.predict(x, verbose=0)
     assert here.dtype == np.float32 and math.isclose(float(here.sum()), 4.0, rel_tol=1e-5)
-    with mlflow.start_run() as run:
-        pass
+    client = mlflow.tracking.MlflowClient()  # not mlflow.start_run: its active experiment may be an earlier test's
+    run = client.create_run(client.create_experiment("precision"))
     info = log_models(served, x, digits.class_names, run.info.run_id, "bf16-model")  # as pipeline.refit logs it
     keras.mixed_precision.set_global_policy("float32")  # a serving process starts in Keras' default
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
