@@ -72,7 +72,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, machine, pipeline_env
+from common import ROOT, kind_folder, machine, pipeline_env
 
 SPACES = ROOT / "search_spaces"
 DATA = ROOT.parent  # ../shared/data and ../data beside the checkout (/work)
@@ -503,9 +503,7 @@ def here() -> Path:
 
 @functools.cache
 def kind_slug() -> str:
-    m = machine()
-    family, model = (part.split()[-1] for part in m["cpu_kind"].split(","))
-    return re.sub(r"[^a-z0-9]+", "-", f"{m['cpu'].lower()} f{family} m{model}").strip("-")
+    return kind_folder(machine())
 
 
 def set_results(folder: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,13 @@ def machine() -> dict:
             "cpu": model, "cpu_kind": f"family {field('cpu family')}, model {field('model')}",
             "cores": len(os.sched_getaffinity(0)), "avx512_bf16": "avx512_bf16" in flags,
             "amx": bool(flags & {"amx_bf16", "amx_tile", "amx_int8"}), "load": [round(x, 2) for x in os.getloadavg()]}
+
+
+def kind_folder(where: dict) -> str:
+    """The records' folder name for the kind of CPU `machine()` describes: model name, family and
+    model number, as amd-epyc-f25-m17."""
+    family, model = (part.split()[-1] for part in where["cpu_kind"].split(","))
+    return re.sub(r"[^a-z0-9]+", "-", f"{where['cpu'].lower()} f{family} m{model}").strip("-")
 
 
 def result_line(values: dict) -> str:

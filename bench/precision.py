@@ -48,13 +48,12 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, EpochClock, machine, result_line
+from common import ROOT, EpochClock, kind_folder, machine, result_line
 
 RESULTS = ROOT / "bench" / "results" / "precision"
 SPACE = ROOT / "search_spaces" / "airbench.yaml"
@@ -78,14 +77,6 @@ def cpuinfo(name: str) -> str:
     path = Path("/proc/cpuinfo")
     lines = path.read_text().splitlines() if path.exists() else []
     return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == name), "")
-
-
-def cpu_kind(cpu: str) -> tuple[str, str]:
-    """The family and model of this CPU (model name `cpu`), "family 26, model 2", and the records'
-    folder name for its kind, amd-epyc-f26-m2."""
-    family, model = cpuinfo("cpu family") or "?", cpuinfo("model") or "?"
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{cpu.lower()} f{family} m{model}").strip("-")
-    return f"family {family}, model {model}", slug
 
 
 def peaks(threads: int, flop_per_cycle: int) -> dict:
@@ -243,9 +234,8 @@ def main(argv=None):
     if args.child:
         return child(args)
     where = machine()
-    kind, slug = cpu_kind(where["cpu"])
     record = {"command": " ".join(["python", "bench/precision.py", *(sys.argv[1:] if argv is None else argv)]),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **where, "cpu_kind": kind,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **where,
               "threads": args.threads, "network": f"{SPACE.relative_to(ROOT)} default, {SHAPE}, {CLASSES} classes",
               "peak": peaks(args.threads, args.flop_per_cycle), "modes": {}}
     for mode in args.modes:
@@ -253,7 +243,7 @@ def main(argv=None):
         print(mode, json.dumps(record["modes"][mode]), flush=True)
     figures(record["modes"], record["peak"])
     record["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    path = Path(args.results) / slug / f"{record['date'].replace(':', '')}.json"
+    path = Path(args.results) / kind_folder(where) / f"{record['date'].replace(':', '')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"record: {path}")
