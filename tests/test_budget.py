@@ -64,14 +64,16 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
     left = 3600 - (10 + 36)  # the reserve: 10 s + 1% of the budget
     runs = left / cost.fit(FULL_RUN_EPOCHS, 10_000)  # 1.77 full runs of the probed configuration
     share = search_share_for(runs)
-    assert plan.runs == pytest.approx(runs) and plan.share == pytest.approx(0.15 * runs ** 0.5)
-    assert plan.refit_epochs == int(((1 - share) * left - 5) // 50) == 56
-    assert plan.search_until == pytest.approx(1000 + left - (5 + 56 * 50))
-    # equal-time rungs: three would start below one epoch (48.3 s), so two, 3x apart, as the share pays
-    assert plan.rung_seconds == (122.8, 368.5) and plan.rungs == (2, 8)  # the probed configuration's epochs
-    assert plan.line().startswith("time budget 3600 s: search 20% of the time (the budget pays for 1.8 full runs")
-    assert "equal-time rungs of 123, 368 s (2, 8 epochs of the default)" in plan.line()
-    assert "refit 56 epochs ≈ 47 min" in plan.line()
+    # the search gets the time beyond one full run for the refit: 1 - 1/1.77 = 44%
+    assert plan.runs == pytest.approx(runs) and plan.share == pytest.approx(1 - 1 / runs)
+    assert plan.refit_epochs == int(((1 - share) * left - 5) // 50) == 39
+    assert plan.search_until == pytest.approx(1000 + left - (5 + 39 * 50))
+    # equal-time rungs: three would start below one epoch (48.3 s) once a bracket pays for the default's
+    # own evaluations above rung 0 too, so two, 3x apart: 3 rung-0 evaluations, a challenger and the default at rung 1
+    assert plan.rung_seconds == (175.7, 527.0) and plan.rungs == (3, 11)  # the probed configuration's epochs
+    assert plan.line().startswith("time budget 3600 s: search 44% of the time (the budget pays for 1.8 full runs")
+    assert "equal-time rungs of 176, 527 s (3, 11 epochs of the default)" in plan.line()
+    assert "refit 39 epochs ≈ 33 min" in plan.line()
     # twice the cost per epoch (a slower machine, or one thread): fewer runs, a smaller share
     slow = make_plan(s, "main", 1000.0, Cost(5.0, 1.0, 100), rows=8000, val_rows=2000, now=1000.0)
     assert slow.share < plan.share and slow.refit_epochs == int(((1 - slow.share) * left - 5) // 100)
@@ -101,16 +103,18 @@ def test_the_planner_sizes_the_refit_and_the_search_from_the_epoch_cost():
 
 
 def test_the_search_share_grows_with_the_full_runs_the_budget_pays_for():
-    assert search_share_for(1) == 0.15 and search_share_for(4) == 0.3
+    assert search_share_for(1) == 0.15 and search_share_for(2) == 0.5 and search_share_for(4) == 0.75
+    assert search_share_for(1.1) == pytest.approx(0.15 * 1.1 ** 0.5)  # near one run: more than the time beyond it
     assert search_share_for(0.1) == 0.1 and search_share_for(100) == 0.75  # between MIN_SHARE and MAX_SHARE
 
 
 def test_planned_rungs_are_equal_time_eta_apart_and_fewer_on_a_short_budget():
     cost = Cost(setup=1.0, batch=0.1, batch_size=100)  # one epoch of 8,000 + 2,000 images: 9.7 s with its setup
-    assert planned_rung_seconds(3000, cost, 8000, 2000, eta=3) == [109.1, 327.3, 982.0]
+    assert planned_rung_seconds(3000, cost, 8000, 2000, eta=3) == [74.9, 224.8, 674.3]  # 4 1/3 top-rung evaluations
     assert planned_rung_seconds(3000, cost, 8000, 2000, eta=3, cap=300) == [33.3, 100.0, 300.0]  # no longer than the refit
-    assert planned_rung_seconds(300, cost, 8000, 2000, eta=3) == [48.0, 144.0]  # two where three start below an epoch
-    assert planned_rung_seconds(30, cost, 8000, 2000, eta=3) == []
+    assert planned_rung_seconds(300, cost, 8000, 2000, eta=3) == [31.3, 94.0]  # two where three start below an epoch
+    assert planned_rung_seconds(60, cost, 8000, 2000, eta=3) == [18.0]  # one rung of 3 evaluations where two start below
+    assert planned_rung_seconds(30, cost, 8000, 2000, eta=3) == []  # not even that: plain trials
     assert epochs_in(100.0, 10.0, 30.0) == 3 and epochs_in(20.0, 10.0, 30.0) == 1  # an evaluation trains
 
 
@@ -255,7 +259,7 @@ def test_a_study_made_before_rungs_resumes_with_plain_trials(tiny, digits, capsy
     # left none once: the refit's share and the reserve took the rest); a 1-epoch refit ends it soon
     outcome = run_study("main", s.replace(n_trials=2, time_budget=60, refit_epochs=1), digits, space,
                         started=time.time())
-    assert "rungs of" in capsys.readouterr().out, "the budget planned rungs, as for a new study"
+    assert re.search(r"rungs? of", capsys.readouterr().out), "the budget planned rungs, as for a new study"
     assert outcome.study.user_attrs[names.RUNGS] == []
     assert all(names.RUNG not in t.user_attrs for t in outcome.study.trials)
     assert len(outcome.study.trials) == 2 and 0 < outcome.metrics["test_accuracy"] <= 1

@@ -87,6 +87,25 @@ def test_the_default_is_the_first_evaluation_of_every_rung(spaced, digits, capsy
     assert all(t.user_attrs[names.FIDELITY_VAL_ROWS] > 0 for t in trials)
 
 
+def test_a_search_too_short_for_two_rungs_still_compares_at_equal_time(spaced, digits, capsys):
+    """One equal-time rung (a budget whose search share pays for three evaluations of an epoch or
+    so): the default first, its challengers in the same seconds, and the verdict at that rung."""
+    space = load_space(spaced.search_space)
+    s = spaced.replace(n_trials=3, rungs="2")
+    study, _ = join_study(s, space)
+    study.set_user_attr(names.RUNGS, [2])
+    study.set_user_attr(names.RUNG_SECONDS, [4.0])
+    study.set_user_attr(names.ETA, 3)
+    run_study("search", s, digits, space)
+    trials = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(trials) == 3 and min(trials, key=lambda t: t.number).user_attrs.get(names.CONTROL) is True
+    assert all(t.user_attrs[names.RUNG] == 0 and t.user_attrs[names.FIDELITY_SECONDS] == 4.0 for t in trials)
+    assert all(names.PROMOTED_FROM not in t.user_attrs for t in study.trials), "one rung promotes nothing"
+    verdict = verdict_of(study, s)
+    assert verdict.rung == 0 and verdict.default.user_attrs.get(names.CONTROL) is True
+    assert verdict.line(s.sign) in capsys.readouterr().out
+
+
 def _rung_study(values: dict, rows: int = 400, rung: int = 1, study=None):
     """A study with rungs whose rung-`rung` evaluations score `values` ({"default": v, "a": v, ...})."""
     if study is None:

@@ -15,17 +15,25 @@ The budget counts from the process's start (loading included) and ends at `start
   (`search_share`, auto by default) follows from how many full runs of the probed configuration
   (the space's default: FULL_RUN_EPOCHS epochs over all training rows) the time pays for: near
   one, a search can find little that beats training the default longer, so it gets
-  SHARE_AT_ONE_RUN; with n runs SHARE_AT_ONE_RUN x sqrt(n), between MIN_SHARE and MAX_SHARE
-  (`search_share_for`). `search_share=0`: no search, the default trains for the whole budget;
-- without rungs (too short a search for two, or `rungs=off`): a trial's epochs are capped so that
-  MIN_TRIALS trials fit the search's share (`epochs` caps it further);
+  SHARE_AT_ONE_RUN; with n runs the time beyond one full run for the refit (1 - 1/n), at least
+  SHARE_AT_ONE_RUN x sqrt(n), between MIN_SHARE and MAX_SHARE (`search_share_for`): epochs past a
+  full run buy the refit little (the photos' default, 600 s of training, ended its 26 epochs at
+  train accuracy 0.996, bench/README.md), a search can buy more. `search_share=0`: no search,
+  the default trains for the whole budget;
 - the rungs, where `rungs` is empty: equal-time rungs (`planned_rung_seconds`), each evaluation
   given a number of *seconds*, its epochs following from its own measured epoch cost, so that a
   configuration half as costly trains twice the epochs and the rungs rank what configurations
   reach in equal time: the most rungs (at most MAX_RUNGS, a factor `eta` apart) whose lowest pays
   for one epoch of the probed configuration when the search's share pays for BRACKETS full
-  brackets (a bracket costs about rungs x top-rung seconds); the top rung no longer than the
-  refit. The plan line gives the probed configuration's epochs at each.
+  brackets (a bracket costs about rungs x top-rung seconds, and the default's evaluation at each
+  rung above the lowest: the control); the top rung no longer than the refit. Too short a search
+  for two: one equal-time rung, MIN_TRIALS evaluations (the default, the control, and its
+  challengers) of equal seconds, so that the refit still takes a challenger only where it beats
+  the default at equal time (pipeline.budget.prior). The plan line gives the probed
+  configuration's epochs at each;
+- without rungs (too short a search for one epoch of MIN_TRIALS evaluations, or `rungs=off`): a
+  trial's epochs are capped so that MIN_TRIALS trials fit the search's share (`epochs` caps it
+  further).
 A `timeout` still sets the search's end; `epochs` still caps a trial without rungs. The refit's
 epochs are planned again when it starts, from a probe of the configuration it refits and the
 time then left (`refit_epochs`).
@@ -48,7 +56,7 @@ FULL_RUN_EPOCHS = 40  # a full training run: airbench96 trains 37-45 epochs; the
 SHARE_AT_ONE_RUN = 0.15  # the search's share where the time pays for one full run of the default
 MIN_SHARE, MAX_SHARE = 0.1, 0.75
 BRACKETS = 1  # full brackets of successive halving the search's share should pay for
-MIN_TRIALS = 3  # without rungs: plain trials the search's share should pay for
+MIN_TRIALS = 3  # evaluations of one equal-time rung, or plain trials without rungs, the search's share should pay for
 MAX_RUNGS = 3
 BOOKKEEPING = 2.0  # seconds around an evaluation's fit (its MLflow run, datasets, the study's writes)
 HISTORY = 20  # finished evaluations an estimate learns from, the latest
@@ -92,21 +100,27 @@ def refit_epochs_for(seconds: float, cost: Cost, rows: int) -> int:
 
 
 def search_share_for(runs: float) -> float:
-    """The search's share of a budget that pays for `runs` full runs of the default:
-    SHARE_AT_ONE_RUN x sqrt(runs), between MIN_SHARE and MAX_SHARE."""
-    return min(MAX_SHARE, max(MIN_SHARE, SHARE_AT_ONE_RUN * math.sqrt(max(0.0, runs))))
+    """The search's share of a budget that pays for `runs` full runs of the default: the time
+    beyond one full run, 1 - 1/runs, at least SHARE_AT_ONE_RUN x sqrt(runs), between MIN_SHARE and
+    MAX_SHARE."""
+    runs = max(0.0, runs)
+    beyond = 1 - 1 / runs if runs > 1 else 0.0
+    return min(MAX_SHARE, max(MIN_SHARE, SHARE_AT_ONE_RUN * math.sqrt(runs), beyond))
 
 
 def planned_rung_seconds(search_seconds: float, cost: Cost, rows: int, val_rows: int, eta: int,
                          cap: float = math.inf) -> list[float]:
     """Seconds per rung for a search of `search_seconds`: the top rung the most seconds for which
-    BRACKETS brackets of `count` rungs fit (a bracket costs about `count` top-rung evaluations and
-    eta^(count - 1) evaluations' bookkeeping), at most `cap` (the refit's time), the rungs below it
-    a factor eta apart; MAX_RUNGS rungs where the lowest pays for one epoch of `cost`'s
-    configuration, else fewer; [] where not two do."""
+    BRACKETS brackets of `count` rungs fit (a bracket costs about `count` top-rung evaluations, the
+    default's own at every rung above the lowest (the control, promoted beside the challengers: 1,
+    1/eta, ... top-rung evaluations) and eta^(count - 1) evaluations' bookkeeping; one rung,
+    MIN_TRIALS evaluations), at most `cap` (the refit's time), the rungs below it a factor eta
+    apart; MAX_RUNGS rungs where the lowest pays for one epoch of `cost`'s configuration, else
+    fewer; [] where not even one does."""
     one_epoch = cost.fit(1, rows, val_rows)
-    for count in range(MAX_RUNGS, 1, -1):
-        top = min(cap, search_seconds / BRACKETS / count - BOOKKEEPING * eta ** (count - 1))
+    for count in range(MAX_RUNGS, 0, -1):
+        evaluations = count + sum(eta ** -i for i in range(count - 1)) if count > 1 else MIN_TRIALS
+        top = min(cap, search_seconds / BRACKETS / evaluations - BOOKKEEPING * eta ** (count - 1))
         seconds = [round(top / eta ** i, 1) for i in reversed(range(count))]
         if seconds[0] >= one_epoch:
             return seconds
@@ -162,8 +176,9 @@ class Plan:
         if self.search_until is not None and self.share != 0:
             parts.append(f"search until {time.strftime('%H:%M:%S UTC', time.gmtime(self.search_until))}")
         if self.rung_seconds:
-            parts.append(f"equal-time rungs of {', '.join(f'{s:.0f}' for s in self.rung_seconds)} s "
-                         f"({', '.join(map(str, self.rungs))} epochs of the default)")
+            what = "rung" if len(self.rung_seconds) == 1 else "rungs"
+            parts.append(f"equal-time {what} of {', '.join(f'{s:.0f}' for s in self.rung_seconds)} s "
+                         f"({', '.join(map(str, self.rungs))} epoch{'' if self.rungs == (1,) else 's'} of the default)")
         elif self.rungs:
             parts.append(f"rungs of {', '.join(map(str, self.rungs))} epochs")
         elif self.trial_epochs:
