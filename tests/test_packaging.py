@@ -76,3 +76,16 @@ def test_the_wheel_ships_the_search_spaces_beside_the_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"search_spaces/{p.name}" for p in (ROOT / "search_spaces").glob("*.yaml")} <= names
     assert {"pipeline/space.py", "pipeline/served_model.py", "pipeline/budget/__init__.py"} <= names
+
+
+def test_the_worker_image_copies_what_the_package_installs():
+    """The Dockerfile (the worker image of docs/guides/workers.md) copies pyproject.toml, its readme
+    and every package `pip install .` installs, on conda.yaml's Python, and .dockerignore lets them in."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    copied = {path for line in lines if line.startswith("COPY ") for path in line.split()[1:-1]}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {name.split(".")[0] for name in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert copied >= {"pyproject.toml", project["project"]["readme"], *packages}, copied
+    assert any(line.startswith("FROM python:3.11") for line in lines) and "RUN pip install --no-cache-dir ." in "\n".join(lines)
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert allowed >= copied, copied - allowed
