@@ -17,8 +17,8 @@ The budget counts from the process's start (loading included) and ends at `start
   one, a search can find little that beats training the default longer, so it gets
   SHARE_AT_ONE_RUN; with n runs the time beyond one full run for the refit (1 - 1/n), at least
   SHARE_AT_ONE_RUN x sqrt(n), between MIN_SHARE and MAX_SHARE (`search_share_for`): epochs past a
-  full run buy the refit little (the photos' default, 600 s of training, ended its 26 epochs at
-  train accuracy 0.996, bench/README.md), a search can buy more. `search_share=0`: no search,
+  full run buy the refit little (the photos' default scored 0.8415 after 26 epochs and after 78,
+  bench/README.md), a search can buy more. `search_share=0`: no search,
   the default trains for the whole budget;
 - the rungs, where `rungs` is empty: equal-time rungs (`planned_rung_seconds`), each evaluation
   given a number of *seconds*, its epochs following from its own measured epoch cost, so that a
