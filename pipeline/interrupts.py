@@ -28,6 +28,12 @@ def _raise(signum, frame):
     raise KeyboardInterrupt(_received)
 
 
+def pending() -> str | None:
+    """The name of the signal caught in `caught()`, if one came (an error raised after it is its
+    echo: TensorFlow's scope exits raise their own error over a KeyboardInterrupt)."""
+    return _received
+
+
 def check() -> None:
     """Raise KeyboardInterrupt again if a signal came: the first one may have been lost."""
     if _received:

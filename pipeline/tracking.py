@@ -35,7 +35,7 @@ import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipeline import names
+from pipeline import interrupts, names
 from pipeline.config import Settings
 from pipeline.data import Lineage
 from pipeline.names import mask, prefixed
@@ -343,15 +343,24 @@ class Tracker:
             if server_unreachable(e):  # the run cannot be ended: a later worker closes it (close_dead_runs)
                 trial.set_user_attr(names.FAIL_REASON, "tracking server unreachable")
                 raise tracking_unreachable(mlflow.get_tracking_uri()) from None
-            self.end(run_id, "FAILED", "FAIL", f"{type(e).__name__}: {e}")
-            raise
+            if interrupts.pending() is None:
+                self.end(run_id, "FAILED", "FAIL", f"{type(e).__name__}: {e}")
+                raise
+            # the interrupt surfaced as another error (TensorFlow's device scope, exited by the
+            # KeyboardInterrupt, raises "Exiting device scope without proper scope nesting" over it)
+            self._interrupted(trial, run_id, f"interrupted by {interrupts.pending()}")
+            raise KeyboardInterrupt(interrupts.pending()) from e
         except BaseException as e:  # Ctrl-C or SIGTERM (see pipeline.interrupts)
-            reason = f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt) else type(e).__name__
-            trial.set_user_attr(names.FAIL_REASON, reason)
-            self.end(run_id, "KILLED", "FAIL", reason)
+            self._interrupted(trial, run_id, f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt)
+                              else type(e).__name__)
             raise
         else:
             self.end(run_id, "FINISHED", "COMPLETE")
+
+    def _interrupted(self, trial: optuna.Trial, run_id: str, reason: str) -> None:
+        """The trial's user attr `fail_reason` and its run KILLED (the trial then ends FAIL)."""
+        trial.set_user_attr(names.FAIL_REASON, reason)
+        self.end(run_id, "KILLED", "FAIL", reason)
 
     def flush(self, run_id: str) -> None:
         """Return once every epoch logged to `run_id` so far is in the store."""

@@ -146,6 +146,32 @@ def test_an_interrupt_lost_in_a_finalizer_still_stops_training(digits, sig, capf
     assert "Exception ignored" not in err and "Traceback" not in err, err
 
 
+def test_an_error_raised_over_a_caught_signal_ends_the_trial_as_interrupted(settings):
+    """TensorFlow's device scope, exited by the KeyboardInterrupt, raises its own RuntimeError over
+    it (the Dask drill saw it): the trial still ends FAIL with fail_reason "interrupted by
+    SIGTERM", its run KILLED, and the process goes on as interrupted."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import names
+    from pipeline.space import load_space
+    from pipeline.study import join_study
+    from pipeline.tracking import Tracker
+
+    study, _ = join_study(settings, load_space(settings.search_space))
+    tracker = Tracker(settings, study)
+    trial = study.ask()
+    with interrupts.caught(), pytest.raises(KeyboardInterrupt, match="^SIGTERM$"):
+        with tracker.trial_run(trial, {"depth": 1}):
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except KeyboardInterrupt:
+                raise RuntimeError("Exiting device scope without proper scope nesting") from None
+    tracker.finish("KILLED")
+    assert trial.user_attrs[names.FAIL_REASON] == "interrupted by SIGTERM"
+    run = MlflowClient().get_run(trial.user_attrs[names.MLFLOW_RUN_ID])
+    assert run.info.status == "KILLED" and run.data.tags["pipeline.fail_reason"] == "interrupted by SIGTERM"
+
+
 def test_the_resume_hint_needs_neither_mlflow_nor_tensorflow():
     """Ctrl-C may come while they are half imported, and importing them again then fails."""
     code = ("import sys; from pipeline.cli import _resume_hint, parse; print(_resume_hint(*parse(['search']))); "
