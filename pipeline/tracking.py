@@ -343,13 +343,14 @@ class Tracker:
             if server_unreachable(e):  # the run cannot be ended: a later worker closes it (close_dead_runs)
                 trial.set_user_attr(names.FAIL_REASON, "tracking server unreachable")
                 raise tracking_unreachable(mlflow.get_tracking_uri()) from None
-            if interrupts.pending() is None:
+            caught = interrupts.pending()
+            if caught is None:
                 self.end(run_id, "FAILED", "FAIL", f"{type(e).__name__}: {e}")
                 raise
             # the interrupt surfaced as another error (TensorFlow's device scope, exited by the
             # KeyboardInterrupt, raises "Exiting device scope without proper scope nesting" over it)
-            self._interrupted(trial, run_id, f"interrupted by {interrupts.pending()}")
-            raise KeyboardInterrupt(interrupts.pending()) from e
+            self._interrupted(trial, run_id, f"interrupted by {caught}")
+            raise KeyboardInterrupt(caught) from e
         except BaseException as e:  # Ctrl-C or SIGTERM (see pipeline.interrupts)
             self._interrupted(trial, run_id, f"interrupted by {str(e) or 'SIGINT'}" if isinstance(e, KeyboardInterrupt)
                               else type(e).__name__)
